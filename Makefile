@@ -1,0 +1,40 @@
+# raptr: every target sets itself up (creates .venv on first use).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# The CPU wheel of torch 2.13.0 lies on this machine's disk; an unpinned torch would pull a
+# multi-GB CUDA build. Override on a GPU box: make install TORCH="torch==2.13.0 --index-url ..."
+TORCH ?= torch==2.13.0
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: install test test-slow test-all demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+# Default test run: fast and medium tests (< ~10 min on 2 cores). pytest exit 5 (no tests) fails.
+test: install
+	$(PYTEST) -q
+
+# Long experiment tests, run separately.
+test-slow: install
+	$(PYTEST) -q -m slow
+
+test-all: install
+	$(PYTEST) -q -m "slow or not slow"
+
+# The main job: build the default corpus, train bert-tiny-raptr for a few minutes, summarise.
+demo: install
+	$(BIN)/raptr train --config bert-tiny-raptr
+
+bench: install
+	$(BIN)/python benchmarks/skip_speed.py
+
+clean:
+	rm -rf $(VENV) runs results .pytest_cache

@@ -1,0 +1,75 @@
+"""RaPTr as a trainer method, and ``wrap()`` for people with their own training loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from raptr.core import RaPTr, Schedule
+from raptr.methods.base import Method, StepInfo, TrainingContext
+from raptr.models.registry import find_layer_stack
+
+
+@dataclass
+class RaPTrOptions:
+    schedule: str = "6-8-10-12"  # expected path length per stage, or "p:0.4-0.6-0.8-1"
+    stage_lengths: str = "equal"  # equal | prop:ALPHA | relative lengths "1,1,2,4"
+    fixed: str = "first,last"  # always-run layers: first,last | none | 0-based indices
+    count_fixed: bool = True  # fixed layers count towards the path length
+    sampling: str = "bernoulli"  # bernoulli | uniform (fixed-size subset)
+    scaling: str = "none"  # none | sqrt | linear: factor on kept layers' residual branch
+    full_warmup: float = 0.0  # full-model stage first: steps, or a fraction of training if < 1
+    require_full_final: bool = True  # last stage must train the full model
+
+
+def build_schedule(options: RaPTrOptions, num_layers: int, total_steps: int) -> Schedule:
+    return Schedule.parse(
+        options.schedule, num_layers, total_steps, count_fixed=options.count_fixed, fixed=options.fixed,
+        stage_lengths=options.stage_lengths, full_warmup=options.full_warmup,
+        require_full_final=options.require_full_final,
+    )
+
+
+def wrap(model: nn.Module, schedule: str = "6-8-10-12", total_steps: int = 10_000, seed: int = 0, **options) -> RaPTr:
+    """Put RaPTr on a model in place; call ``.step(step)`` before each optimizer step's forward.
+
+    Works on our reference models and on HF BERT/RoBERTa/GPT-2/Llama/Mistral/Qwen2/OPT/GPT-NeoX;
+    ``options`` are the fields of ``RaPTrOptions`` (stage_lengths, fixed, scaling, ...).
+    """
+    opts = RaPTrOptions(schedule=schedule, **options)
+    layers = find_layer_stack(model)
+    return RaPTr(layers, build_schedule(opts, len(layers), total_steps), seed, opts.sampling, opts.scaling)
+
+
+class RaPTrMethod(Method):
+    """Random path training with growing paths (Panigrahi et al. 2024)."""
+
+    name = "raptr"
+
+    def __init__(self, options: RaPTrOptions | None = None):
+        self.options = options or RaPTrOptions()
+
+    def attach(self, context: TrainingContext) -> None:
+        super().attach(context)
+        schedule = build_schedule(self.options, len(context.layers), context.total_steps)
+        self.raptr = RaPTr(context.layers, schedule, context.seed, self.options.sampling, self.options.scaling)
+
+    def begin_step(self, step: int) -> StepInfo:
+        plan = self.raptr.step(step)
+        return StepInfo(plan.stage, plan.path_length, plan.active, {"keep_prob": plan.keep_prob})
+
+    def stage_of(self, step: int) -> int:
+        return self.raptr.schedule.stage_at(step).index
+
+    def stage_boundaries(self) -> list[int]:
+        return self.raptr.schedule.boundaries
+
+    def expected_relative_flops(self) -> float:
+        return self.raptr.schedule.relative_layer_flops()
+
+    def state_dict(self) -> dict:
+        return self.raptr.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.raptr.load_state_dict(state)

@@ -1,0 +1,300 @@
+"""Typed run configuration: dataclasses, YAML presets, ``key=value`` overrides, validation.
+
+Every field is a CLI override (``raptr train --config bert-tiny-raptr train.steps=200``) and every
+mistake is one ``RaptrError`` line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raptr.errors import RaptrError
+from raptr.methods.raptr import RaPTrOptions
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    family: str = "reference"  # reference (our pre-LN transformer) | hf (a transformers model built from config)
+    hf_type: str = "bert"  # family=hf: bert | roberta | gpt2 | llama | opt | gpt_neox
+    d_model: int = 128
+    n_layers: int = 12
+    n_heads: int = 2
+    d_ff: int = 512
+    layer_norm: bool = True  # reference only: switches for the stability study
+    residual: bool = True
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=lambda: ["default"])  # corpus names or local paths
+    cache_dir: str = "data"  # corpora, tokenizers and token files are built here once
+    tokenizer: str = "auto"  # auto (wordpiece for mlm, bpe otherwise) | wordpiece | bpe | path/to/tokenizer.json
+    vocab_size: int = 8192
+    seq_len: int = 128
+    val_fraction: float = 0.02  # share of whole documents held out for validation
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "mlm"  # mlm (encoder) | causal | ul2 (decoder, UL2 mixture of denoisers)
+    mask_rate: float = 0.15  # mlm
+
+
+@dataclass
+class PLDOptions:
+    theta: float = 0.5  # θ̄: final global keep rate
+    gamma: float = 0.001  # decay speed of θ(t) = (1-θ̄)e^{-γt} + θ̄
+
+
+@dataclass
+class StackingOptions:
+    schedule: str = "6-9-12"  # depth per stage
+    stage_lengths: str = "equal"
+    copy: str = "top"  # top (gradual stacking) | middle (MIDAS)
+    optimizer_state: str = "copy"  # copy | reset: Adam moments of the new layers
+    rewarmup_steps: int = 0  # linear LR re-warm-up at each growth (Reddi et al. use one)
+
+
+@dataclass
+class LayerDropOptions:
+    keep_prob: float = 0.75  # constant keep probability of every non-fixed layer
+    fixed: str = "none"
+    scaling: str = "linear"  # stochastic depth rescales kept blocks by 1/p
+
+
+@dataclass
+class MethodConfig:
+    name: str = "standard"  # standard | raptr | stacking | pld | layerdrop
+    raptr: RaPTrOptions = field(default_factory=RaPTrOptions)
+    pld: PLDOptions = field(default_factory=PLDOptions)
+    stacking: StackingOptions = field(default_factory=StackingOptions)
+    layerdrop: LayerDropOptions = field(default_factory=LayerDropOptions)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | linear | constant (after warm-up)
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum: int = 1  # micro-batches per optimizer step (one RaPTr path for all of them)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # sequences per micro-batch
+    seed: int = 0
+    eval_every: int = 100  # also evaluated at every stage boundary and at the end
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    threads: int = 0  # torch threads (0 = torch's default)
+    out_dir: str = "runs/{name}"
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.train.out_dir.format(name=self.name))
+
+
+CHOICES = {
+    "model.family": ("reference", "hf"),
+    "model.hf_type": ("bert", "roberta", "gpt2", "llama", "opt", "gpt_neox"),
+    "objective.name": ("mlm", "causal", "ul2"),
+    "method.name": ("standard", "raptr", "stacking", "pld", "layerdrop"),
+    "method.raptr.sampling": ("bernoulli", "uniform"),
+    "method.raptr.scaling": ("none", "sqrt", "linear"),
+    "method.layerdrop.scaling": ("none", "sqrt", "linear"),
+    "method.stacking.copy": ("top", "middle"),
+    "method.stacking.optimizer_state": ("copy", "reset"),
+    "optim.decay": ("cosine", "linear", "constant"),
+}
+
+
+def _convert(value: Any, kind: Any, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise RaptrError(f"'{key}' must be a mapping of its fields, got {value!r}")
+        return from_dict(kind, value, key + ".")
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise RaptrError(f"'{key}' must be a list, got {value!r}")
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise RaptrError(f"'{key}' must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise RaptrError(f"'{key}' must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise RaptrError(f"'{key}' must be a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise RaptrError(f"'{key}' must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {kind} for {key}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(prefix + n for n in names)}"
+            raise RaptrError(f"unknown config key '{prefix}{key}': {hint}")
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (PRESET_DIR / f"{name_or_path}.yaml", PRESET_DIR / name_or_path):
+        if candidate.is_file():
+            return candidate
+    presets = sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in PRESET_DIR.rglob("*.yaml"))
+    raise RaptrError(f"no config file or preset named '{name_or_path}': give a YAML path or one of: {', '.join(presets)}")
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RaptrError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix the syntax") from None
+    if not isinstance(data, dict):
+        raise RaptrError(f"{path} must hold a mapping of config sections, got {type(data).__name__}")
+    inherits = data.pop("inherit", None)  # presets share a base file
+    if inherits:
+        data = _merge(load_yaml(resolve_config_path(str(path.parent / inherits)) if (path.parent / inherits).is_file() else resolve_config_path(inherits)), data)
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise RaptrError(f"override '{item}' has no '=': write section.key=value, e.g. train.steps=200")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(config: str | None, overrides: list[str] = ()) -> RunConfig:
+    data = load_yaml(resolve_config_path(config)) if config else {}
+    cfg = from_dict(RunConfig, _merge(data, parse_overrides(list(overrides))))
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: RunConfig) -> None:
+    flat = flatten(to_dict(cfg))
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise RaptrError(f"'{key}' is {flat[key]!r}: use one of {', '.join(allowed)}")
+    positive = ["model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "data.vocab_size", "data.seq_len",
+                "train.steps", "train.batch_size", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+                "train.keep_checkpoints", "train.log_every", "optim.lr", "optim.grad_accum"]
+    for key in positive:
+        if flat[key] <= 0:
+            raise RaptrError(f"'{key}' must be positive, got {flat[key]}")
+    m, o = cfg.model, cfg.optim
+    if m.d_model % m.n_heads:
+        raise RaptrError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: pick a head count that divides it")
+    if not 0 < cfg.objective.mask_rate < 1:
+        raise RaptrError(f"objective.mask_rate must be in (0, 1), got {cfg.objective.mask_rate}")
+    if not 0 <= cfg.data.val_fraction < 0.5:
+        raise RaptrError(f"data.val_fraction must be in [0, 0.5), got {cfg.data.val_fraction}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise RaptrError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0 or not 0 <= o.min_lr_ratio <= 1:
+        raise RaptrError("optim.warmup_steps, weight_decay and grad_clip must be >= 0 and min_lr_ratio in [0, 1]")
+    encoder = cfg.objective.name == "mlm"
+    if m.family == "hf" and encoder != (m.hf_type in ("bert", "roberta")):
+        raise RaptrError(f"objective '{cfg.objective.name}' does not fit model.hf_type={m.hf_type}: use mlm with bert/roberta, causal with gpt2/llama/opt/gpt_neox")
+    if m.family == "hf" and cfg.objective.name == "ul2":
+        raise RaptrError("UL2 needs prefix-LM attention, which only the reference decoder has: set model.family=reference")
+    if not 0 < cfg.method.pld.theta <= 1 or cfg.method.pld.gamma < 0:
+        raise RaptrError("method.pld.theta must be in (0, 1] and method.pld.gamma >= 0")
+    if not 0 < cfg.method.layerdrop.keep_prob <= 1:
+        raise RaptrError(f"method.layerdrop.keep_prob must be in (0, 1], got {cfg.method.layerdrop.keep_prob}")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(key, type, default) for every leaf field: the CLI's ``--help`` is derived from this."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            rows += describe_fields(kind, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, getattr(kind, "__name__", str(kind)), default))
+    return rows

@@ -1,0 +1,251 @@
+"""The training loop: one method (standard, RaPTr, ...) acting on one model, exact FLOPs, exact resume.
+
+Everything a step depends on is a pure function of (seed, step) or lives in the checkpoint:
+the batch (``PackedTokens.batch``), the objective's randomness (a per-step generator), the
+learning rate (a function of the step), and the method's path (``core.step_generator``). So a
+run killed at any step and resumed gives bitwise-identical losses on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from raptr.core import step_generator
+from raptr.errors import RaptrError
+from raptr.flops import ModelFlops
+from raptr.methods.base import Method, TrainingContext
+from raptr.models.registry import find_layer_stack
+from raptr.training.checkpoint import checkpoint_dirs, load_state, load_weights, save_checkpoint
+from raptr.training.config import OptimConfig, RunConfig, flatten, to_dict
+
+# Streams of step_generator: keep the objective's and the evaluation's randomness apart.
+OBJECTIVE_STREAM, EVAL_STREAM = 1, 2
+
+
+def lr_at(step: int, total: int, opt: OptimConfig) -> float:
+    """Linear warm-up, then cosine / linear decay to lr * min_lr_ratio (a pure function)."""
+    if step < opt.warmup_steps:
+        return opt.lr * (step + 1) / opt.warmup_steps
+    progress = min(1.0, (step - opt.warmup_steps) / max(1, total - opt.warmup_steps))
+    shape = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[opt.decay]
+    return opt.lr * (opt.min_lr_ratio + (1 - opt.min_lr_ratio) * shape)
+
+
+def make_optimizer(model: nn.Module, opt: OptimConfig) -> torch.optim.AdamW:
+    # No weight decay on biases and norms (standard BERT/GPT practice).
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+
+
+@dataclass
+class Batches:
+    """Where batches come from: ``train(index) -> tokens`` and fixed validation token batches."""
+
+    train: Callable[[int], torch.Tensor]
+    val: list[torch.Tensor]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, model: nn.Module, method: Method, batches: Batches,
+                 objective: Callable, flops: ModelFlops, out_dir: Path | None = None, progress: bool = True):
+        self.cfg, self.model, self.method, self.batches, self.objective = cfg, model, method, batches, objective
+        self.flops_model = flops
+        self.out_dir = Path(out_dir or cfg.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.progress = progress
+        self.total_steps = cfg.train.steps
+        self.context = TrainingContext(model, find_layer_stack(model), self.total_steps, cfg.train.seed)
+        self.method.attach(self.context)
+        self.optimizer = make_optimizer(model, cfg.optim)
+        self.context.optimizer = self.optimizer
+        self.step = 0
+        self.counters = {"flops": 0.0, "full_flops": 0.0, "tokens": 0, "train_seconds": 0.0, "layers_run": 0}
+        self._tb = None
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[torch.Tensor] | None = None) -> float:
+        """Full-model loss on the held-out batches (eval mode: every layer, unscaled)."""
+        was_training = self.model.training
+        self.model.eval()
+        losses = []
+        for i, tokens in enumerate(self.batches.val if batches is None else batches):
+            batch = self.objective(tokens, step_generator(self.cfg.train.seed, i, EVAL_STREAM))
+            losses.append(self.model(**self._model_inputs(batch)).item())
+        self.model.train(was_training)
+        if not losses:
+            raise RaptrError("no validation batches: the validation split is empty; raise data.val_fraction or add data")
+        return sum(losses) / len(losses)
+
+    @staticmethod
+    def _model_inputs(batch: dict) -> dict:
+        return {k: batch[k] for k in ("input_ids", "labels", "prefix_len") if k in batch}
+
+    # ---------------------------------------------------------------- checkpoints
+    def _save(self) -> Path:
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "counters": dict(self.counters),
+            "torch_rng": torch.get_rng_state(),
+            "config": to_dict(self.cfg),
+        }
+        return save_checkpoint(self.ckpt_dir, self.step, self.model, state, self.cfg.train.keep_checkpoints)
+
+    def _resume(self) -> bool:
+        found = checkpoint_dirs(self.ckpt_dir)
+        if not found:
+            return False
+        path = found[-1]
+        state = load_state(path)
+        self.method.load_state_dict(state["method"])  # may reshape the model (stacking) first
+        load_weights(path, self.model)
+        if len(self.optimizer.param_groups[0]["params"]) + len(self.optimizer.param_groups[1]["params"]) != len(list(self.model.parameters())):
+            self.optimizer = make_optimizer(self.model, self.cfg.optim)
+            self.context.optimizer = self.optimizer
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.counters = state["step"], dict(state["counters"])
+        return True
+
+    def _check_config(self, fresh: bool) -> None:
+        """Refuse to mix two different runs in one directory (that would lose the first)."""
+        saved = self.out_dir / "config.json"
+        mine = to_dict(self.cfg)
+        if fresh:
+            for name in ("checkpoints", "metrics.jsonl", "tb", "summary.json", "config.json"):
+                target = self.out_dir / name
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        elif saved.is_file():
+            old = json.loads(saved.read_text())
+            diff = [k for k in flatten(mine) if flatten(old).get(k) != flatten(mine)[k] and k not in ("train.log_every",)]
+            if diff and checkpoint_dirs(self.ckpt_dir):
+                shown = ", ".join(f"{k}: {flatten(old).get(k)!r} -> {flatten(mine)[k]!r}" for k in diff[:3])
+                raise RaptrError(
+                    f"{self.out_dir} holds a run with a different config ({shown}): resume with its config, "
+                    "pick another train.out_dir, or pass --fresh to discard it"
+                )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(mine, indent=2))
+
+    # ---------------------------------------------------------------- logging
+    def _log(self, record: dict) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None and (record["kind"] == "eval" or record["step"] % self.cfg.train.log_every == 0):
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def _truncate_log(self) -> None:
+        """After a resume, drop log lines written after the checkpoint (they will be redone)."""
+        path = self.out_dir / "metrics.jsonl"
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def _open_tensorboard(self) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.out_dir / "tb"))
+        except ImportError:  # tensorboard is a dependency, but training must not die without it
+            self._tb = None
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, resume: bool = True, fresh: bool = False, stop_after: int | None = None) -> dict:
+        """Train to ``train.steps`` (or stop after ``stop_after`` more steps); returns the summary."""
+        cfg = self.cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self._check_config(fresh)
+        resumed = resume and self._resume()
+        self._truncate_log() if resumed else (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self._open_tensorboard()
+        accum, bsz, seed = cfg.optim.grad_accum, cfg.train.batch_size, cfg.train.seed
+        boundaries = set(self.method.stage_boundaries())
+        if not resumed:
+            self._log({"kind": "eval", "step": 0, "val_loss": self.evaluate(), "stage": 0, **self.counters})
+        end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.name, disable=not self.progress,
+                   dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+        self.model.train()
+        while self.step < end:
+            step = self.step
+            started = time.perf_counter()
+            info = self.method.begin_step(step)
+            lr = lr_at(step, self.total_steps, cfg.optim) * info.lr_factor
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss_value = 0.0
+            for micro in range(accum):
+                index = step * accum + micro
+                batch = self.objective(self.batches.train(index), step_generator(seed, index, OBJECTIVE_STREAM))
+                loss = self.model(**self._model_inputs(batch))
+                (loss / accum).backward()
+                loss_value += loss.item() / accum
+            if not math.isfinite(loss_value):
+                last = checkpoint_dirs(self.ckpt_dir)
+                kept = f"the last good checkpoint {last[-1]} is kept" if last else "no checkpoint was written yet"
+                raise RaptrError(
+                    f"training loss became {loss_value} at step {step}; the run stopped and {kept}: "
+                    "lower optim.lr or raise optim.warmup_steps, then resume"
+                )
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip).item() if cfg.optim.grad_clip else 0.0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)  # skipped layers keep grad=None: AdamW leaves them alone
+
+            self.step += 1
+            sequences = bsz * accum
+            self.counters["flops"] += self.flops_model.train_step(info.layers_run, sequences)
+            self.counters["full_flops"] += self.flops_model.full_step(sequences)
+            self.counters["tokens"] += sequences * self.flops_model.seq_len
+            self.counters["layers_run"] += info.layers_run
+            self.counters["train_seconds"] += time.perf_counter() - started
+            self._log({"kind": "train", "step": self.step, "loss": loss_value, "lr": lr, "stage": info.stage,
+                       "layers_run": info.layers_run, "grad_norm": grad_norm, **self.counters})
+            saved = 1 - self.counters["flops"] / self.counters["full_flops"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", stage=info.stage, path=f"{info.layers_run}/{len(self.context.layers)}",
+                            saved=f"{saved:.0%}", refresh=False)
+
+            # Full-model eval every N steps, at the end, and at each stage boundary (= the loss
+            # just before the transition; the next stage starts from these very weights).
+            if self.step % cfg.train.eval_every == 0 or self.step in boundaries or self.step == self.total_steps:
+                self._log({"kind": "eval", "step": self.step, "val_loss": self.evaluate(), "stage": info.stage,
+                           "boundary": self.step in boundaries, **self.counters})
+            if self.step % cfg.train.checkpoint_every == 0 or self.step == end:
+                self._save()
+        bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        return self.summary()
+
+    def summary(self) -> dict:
+        evals = [json.loads(line) for line in (self.out_dir / "metrics.jsonl").read_text().splitlines()
+                 if '"kind": "eval"' in line]
+        c = self.counters
+        summary = {
+            "name": self.cfg.name, "method": self.method.name, "steps": self.step, "total_steps": self.total_steps,
+            "final_val_loss": evals[-1]["val_loss"] if evals else None,
+            "flops": c["flops"], "full_model_flops": c["full_flops"],
+            "relative_flops": c["flops"] / c["full_flops"] if c["full_flops"] else None,
+            "expected_relative_layer_flops": self.method.expected_relative_flops(),
+            "tokens": c["tokens"], "train_seconds": c["train_seconds"],
+        }
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary

@@ -1,0 +1,193 @@
+"""RaPTr core: schedules, path sampling, scaling and its errors."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from raptr.core import PathSampler, RaPTr, Schedule, branch_scale, keep_prob_for_path
+from raptr.errors import RaptrError
+from raptr.models import TransformerConfig, TransformerLM
+
+
+def test_paper_schedule_keep_probs_and_flops():
+    s = Schedule.parse("6-8-10-12", num_layers=12, total_steps=1000)
+    assert [round(st.keep_prob, 6) for st in s.stages] == [0.4, 0.6, 0.8, 1.0]
+    assert [st.steps for st in s.stages] == [250, 250, 250, 250]
+    assert s.relative_layer_flops() == pytest.approx(0.75)  # the paper's 1.33x
+    assert s.boundaries == [250, 500, 750]
+    assert s.stage_at(249).index == 0 and s.stage_at(250).index == 1 and s.stage_at(999).index == 3
+    assert s.stage_at(5000).index == 3  # past the end: keep the last stage
+
+
+def test_path_length_conversion_is_an_option():
+    counted = Schedule.parse("6-8-10-12", 12, 100, count_fixed=True)
+    not_counted = Schedule.parse("6-8-10-12", 12, 100, count_fixed=False)
+    assert counted.stages[0].keep_prob == pytest.approx(0.4)
+    assert not_counted.stages[0].keep_prob == pytest.approx(0.5)
+    assert not_counted.stages[0].path_length == pytest.approx(2 + 0.5 * 10)
+    assert keep_prob_for_path(12, 12, 2, True) == 1.0
+
+
+def test_stage_lengths_prop_fractions_steps_and_warmup():
+    prop = Schedule.parse("12-16-20-24", 24, 1000, stage_lengths="prop:1")
+    assert [st.steps for st in prop.stages] == [100, 200, 300, 400]
+    assert prop.relative_layer_flops() == pytest.approx(20 / 24)  # UL2's 1.2x arithmetic
+    explicit = Schedule.parse("6-8-10-12", 12, 1000, stage_lengths="100,200,300,400")
+    assert [st.steps for st in explicit.stages] == [100, 200, 300, 400]
+    fractions = Schedule.parse("6-12", 12, 1000, stage_lengths="0.25,0.75")
+    assert [st.steps for st in fractions.stages] == [250, 750]
+    warm = Schedule.parse("6-8-10-12", 12, 1000, full_warmup=0.2)
+    assert warm.stages[0].keep_prob == 1.0 and warm.stages[0].steps == 200
+    assert sum(st.steps for st in warm.stages) == 1000 and len(warm.stages) == 5
+    probs = Schedule.parse("p:0.5-1", 12, 10)
+    assert [st.keep_prob for st in probs.stages] == [0.5, 1.0]
+
+
+@pytest.mark.parametrize(
+    "spec, kwargs, message",
+    [
+        ("8-6-12", {}, "decreases"),
+        ("6-8-14", {}, "exceeds the model's 12 layers"),
+        ("1-6-12", {}, "not more than the 2 fixed layers"),
+        ("p:0-1", {}, "outside (0, 1]"),
+        ("p:0.5-1.5", {}, "outside (0, 1]"),
+        ("6-8-10", {}, "not the full model"),
+        ("6-x-12", {}, "cannot read schedule"),
+        ("6-12", {"stage_lengths": "weird"}, "unknown stage lengths"),
+        ("6-12", {"stage_lengths": "1,2,3"}, "3 stage lengths given for 2 stages"),
+        ("6-12", {"fixed": "middle"}, "unknown fixed-layer option"),
+        ("6-12", {"fixed": "0,40"}, "outside 0..11"),
+        ("", {}, "empty schedule"),
+    ],
+)
+def test_schedule_errors_are_one_clear_line(spec, kwargs, message):
+    with pytest.raises(RaptrError) as info:
+        Schedule.parse(spec, 12, 100, **kwargs)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_sampling_and_scaling_options():
+    with pytest.raises(RaptrError, match="unknown sampling"):
+        PathSampler(12, (0, 11), mode="gaussian")
+    with pytest.raises(RaptrError, match="unknown scaling"):
+        branch_scale(0.5, "cube")
+    with pytest.raises(RaptrError, match="too few"):
+        Schedule.parse("6-8-10-12", 12, 3)
+
+
+def test_partial_final_stage_when_asked():
+    s = Schedule.parse("6-8-10", 12, 90, require_full_final=False)
+    assert s.stages[-1].keep_prob == pytest.approx(0.8)
+
+
+def test_fixed_layers_always_run_and_full_stage_runs_everything():
+    sampler = PathSampler(12, (0, 11), seed=3)
+    for step in range(200):
+        path = sampler.sample(step, 0.3)
+        assert path[0] and path[11]
+    assert all(sampler.sample(7, 1.0))
+
+
+def test_bernoulli_statistics():
+    sampler = PathSampler(12, (0, 11), seed=0, mode="bernoulli")
+    n, p = 4000, 0.4
+    counts = torch.zeros(12)
+    for step in range(n):
+        counts += torch.tensor(sampler.sample(step, p), dtype=torch.float)
+    freq = counts[1:11] / n
+    # each free layer kept with prob p: 4 sigma of a binomial proportion
+    assert torch.all((freq - p).abs() < 4 * math.sqrt(p * (1 - p) / n)), freq
+    lengths = [sum(sampler.sample(step, p)) for step in range(n)]
+    assert len(set(lengths)) > 4  # the path length itself is random under Bernoulli
+    assert sum(lengths) / n == pytest.approx(2 + p * 10, abs=0.1)
+
+
+def test_uniform_fixed_size_statistics():
+    sampler = PathSampler(12, (0, 11), seed=1, mode="uniform")
+    n = 3000
+    lengths = [sum(sampler.sample(step, 0.45)) for step in range(n)]  # 4.5 free layers on average
+    assert set(lengths) == {6, 7}  # fixed size: floor or ceil of the target
+    assert sum(lengths) / n == pytest.approx(2 + 4.5, abs=0.06)
+    counts = torch.zeros(12)
+    for step in range(n):
+        counts += torch.tensor(sampler.sample(step, 0.4), dtype=torch.float)
+    assert torch.all((counts[1:11] / n - 0.4).abs() < 0.04)  # uniform over layers
+    assert {sum(sampler.sample(s, 0.4)) for s in range(50)} == {6}  # 0.4*10 = 4 exactly
+
+
+def test_paths_depend_only_on_seed_and_step():
+    a, b = PathSampler(12, (0, 11), seed=5), PathSampler(12, (0, 11), seed=5)
+    assert [a.sample(s, 0.5) for s in range(30)] == [b.sample(s, 0.5) for s in range(30)]
+    assert a.sample(10, 0.5) == a.sample(10, 0.5)  # order and repetition don't matter
+    c = PathSampler(12, (0, 11), seed=6)
+    assert [a.sample(s, 0.5) for s in range(30)] != [c.sample(s, 0.5) for s in range(30)]
+
+
+def test_sampler_determinism_across_two_processes():
+    code = ("from raptr.core import PathSampler; s = PathSampler(24, (0, 23), seed=11); "
+            "print([''.join('1' if x else '0' for x in s.sample(t, 0.5)) for t in range(40)])")
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    local = PathSampler(24, (0, 23), seed=11)
+    assert outs[0] == outs[1] == str([''.join('1' if x else '0' for x in local.sample(t, 0.5)) for t in range(40)]) + "\n"
+
+
+def test_sampler_state_dict_round_trip_and_mismatch():
+    s = PathSampler(12, (0, 11), seed=9, mode="uniform")
+    t = PathSampler(12, (0, 11), seed=0)
+    t.load_state_dict(s.state_dict())
+    assert [t.sample(k, 0.5) for k in range(10)] == [s.sample(k, 0.5) for k in range(10)]
+    with pytest.raises(RaptrError, match="resume with the same model"):
+        PathSampler(6, (0, 5)).load_state_dict(s.state_dict())
+
+
+def test_branch_scales():
+    assert branch_scale(0.25, "none") == 1.0
+    assert branch_scale(0.25, "sqrt") == pytest.approx(2.0)
+    assert branch_scale(0.25, "linear") == pytest.approx(4.0)
+    assert branch_scale(1.0, "linear") == 1.0
+
+
+def _tiny(layers=6, causal=False):
+    torch.manual_seed(0)
+    return TransformerLM(TransformerConfig(vocab_size=97, d_model=32, n_layers=layers, n_heads=2, d_ff=64,
+                                           max_seq_len=16, causal=causal))
+
+
+def test_scaling_applies_to_the_residual_branch_of_kept_free_layers_only():
+    model = _tiny(layers=4)
+    ids = torch.randint(0, 97, (2, 16))
+    # reference: y_l = y + a*(f(y) - y) computed by hand, layer by layer
+    scale = 1 / math.sqrt(0.5)
+    x = model.tok(ids) + model.pos(torch.arange(16))
+    for i, block in enumerate(model.blocks):
+        out = block(x)
+        x = out if i in (0, 3) else x + scale * (out - x)
+    expected = model.head(model.ln_f(x))
+    schedule = Schedule.parse("p:0.5-1", 4, 10)
+    raptr = RaPTr(model.blocks, schedule, seed=0, scaling="sqrt")
+    model.train()
+    raptr.gates.set_path([True] * 4, [1.0, scale, scale, 1.0])
+    torch.testing.assert_close(model(ids), expected)
+    model.eval()  # evaluation: full model, unscaled
+    plain = _tiny(layers=4).eval()
+    torch.testing.assert_close(model(ids), plain(ids))
+
+
+def test_raptr_step_sets_the_sampled_path_and_state_round_trips():
+    model = _tiny()
+    schedule = Schedule.parse("3-4-6", 6, 30)
+    raptr = RaPTr(model.blocks, schedule, seed=4, scaling="linear")
+    plan = raptr.step(3)
+    assert [layer._gate_run for layer in model.blocks] == list(plan.active)
+    assert plan.scale == pytest.approx(1 / plan.keep_prob)
+    other = RaPTr(_tiny().blocks, Schedule.parse("3-4-6", 6, 30), seed=0)
+    other.load_state_dict(raptr.state_dict())
+    assert other.plan(17) == raptr.plan(17)
+    with pytest.raises(RaptrError, match="different RaPTr schedule"):
+        RaPTr(_tiny().blocks, Schedule.parse("3-4-6", 6, 60), seed=0).load_state_dict(raptr.state_dict())
+    with pytest.raises(RaptrError, match="schedule is for 12 layers"):
+        RaPTr(_tiny().blocks, Schedule.parse("6-12", 12, 10))
