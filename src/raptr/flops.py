@@ -47,17 +47,23 @@ class ModelFlops:
     def layer_forward(self) -> int:
         return self.layer.forward_flops(self.seq_len)
 
-    def head_forward(self) -> float:
+    def head_forward_per_position(self) -> int:
         d = self.layer.d_model
-        per_position = 2 * d * self.vocab_size + (2 * d * d if self.head_transform else 0)
-        return self.seq_len * self.head_positions * per_position
+        return 2 * d * self.vocab_size + (2 * d * d if self.head_transform else 0)
 
-    def train_step(self, layers_run: float, batch_size: int) -> float:
-        """3 × forward, for ``batch_size`` sequences with ``layers_run`` layers executed."""
-        return 3.0 * batch_size * (layers_run * self.layer_forward() + self.head_forward())
+    def train_step(self, layers_run: float, batch_size: int, labelled_positions: float | None = None) -> float:
+        """3 × forward for ``batch_size`` sequences with ``layers_run`` layers executed.
 
-    def full_step(self, batch_size: int) -> float:
-        return self.train_step(self.num_layers, batch_size)
+        ``labelled_positions``: positions that got logits in this batch (exact count); default
+        ``head_positions`` of every sequence.
+        """
+        if labelled_positions is None:
+            labelled_positions = batch_size * self.seq_len * self.head_positions
+        layers = batch_size * layers_run * self.layer_forward()
+        return 3.0 * (layers + labelled_positions * self.head_forward_per_position())
+
+    def full_step(self, batch_size: int, labelled_positions: float | None = None) -> float:
+        return self.train_step(self.num_layers, batch_size, labelled_positions)
 
 
 def schedule_relative_flops(schedule: Schedule, model: ModelFlops | None = None) -> dict[str, float]:

@@ -57,7 +57,7 @@ class RaPTrMethod(Method):
 
     def begin_step(self, step: int) -> StepInfo:
         plan = self.raptr.step(step)
-        return StepInfo(plan.stage, plan.path_length, plan.active, {"keep_prob": plan.keep_prob})
+        return StepInfo(plan.stage, plan.path_length, plan.active, extra={"keep_prob": plan.keep_prob})
 
     def stage_of(self, step: int) -> int:
         return self.raptr.schedule.stage_at(step).index

@@ -104,6 +104,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     threads: int = 0  # torch threads (0 = torch's default)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast on GPU)
     out_dir: str = "runs/{name}"
 
 
@@ -133,6 +135,7 @@ CHOICES = {
     "method.stacking.copy": ("top", "middle"),
     "method.stacking.optimizer_state": ("copy", "reset"),
     "optim.decay": ("cosine", "linear", "constant"),
+    "train.precision": ("fp32", "bf16"),
 }
 
 
@@ -162,6 +165,11 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise RaptrError(f"'{key}' must be a number, got {value!r}")
     if kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -270,6 +278,10 @@ def validate(cfg: RunConfig) -> None:
         raise RaptrError(f"objective '{cfg.objective.name}' does not fit model.hf_type={m.hf_type}: use mlm with bert/roberta, causal with gpt2/llama/opt/gpt_neox")
     if m.family == "hf" and cfg.objective.name == "ul2":
         raise RaptrError("UL2 needs prefix-LM attention, which only the reference decoder has: set model.family=reference")
+    if cfg.method.name == "raptr":  # schedule mistakes surface now, not after building the data
+        from raptr.methods.raptr import build_schedule
+
+        build_schedule(cfg.method.raptr, m.n_layers, cfg.train.steps)
     if not 0 < cfg.method.pld.theta <= 1 or cfg.method.pld.gamma < 0:
         raise RaptrError("method.pld.theta must be in (0, 1] and method.pld.gamma >= 0")
     if not 0 < cfg.method.layerdrop.keep_prob <= 1:

@@ -42,6 +42,17 @@ def lr_at(step: int, total: int, opt: OptimConfig) -> float:
     return opt.lr * (opt.min_lr_ratio + (1 - opt.min_lr_ratio) * shape)
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RaptrError(f"train.device={name} but no CUDA GPU is visible: use train.device=cpu (or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise RaptrError(f"unknown train.device {name!r}: use auto, cpu, cuda or cuda:N") from None
+
+
 def make_optimizer(model: nn.Module, opt: OptimConfig) -> torch.optim.AdamW:
     # No weight decay on biases and norms (standard BERT/GPT practice).
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -66,13 +77,15 @@ class Trainer:
         self.out_dir = Path(out_dir or cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.progress = progress
+        self.device = resolve_device(cfg.train.device)
+        self.model.to(self.device)
         self.total_steps = cfg.train.steps
         self.context = TrainingContext(model, find_layer_stack(model), self.total_steps, cfg.train.seed)
         self.method.attach(self.context)
         self.optimizer = make_optimizer(model, cfg.optim)
         self.context.optimizer = self.optimizer
         self.step = 0
-        self.counters = {"flops": 0.0, "full_flops": 0.0, "tokens": 0, "train_seconds": 0.0, "layers_run": 0}
+        self.counters = {"flops": 0.0, "full_flops": 0.0, "tokens": 0, "train_seconds": 0.0, "layer_passes": 0}
         self._tb = None
 
     # ---------------------------------------------------------------- evaluation
@@ -84,15 +97,19 @@ class Trainer:
         losses = []
         for i, tokens in enumerate(self.batches.val if batches is None else batches):
             batch = self.objective(tokens, step_generator(self.cfg.train.seed, i, EVAL_STREAM))
-            losses.append(self.model(**self._model_inputs(batch)).item())
+            with self._autocast():
+                losses.append(self.model(**self._model_inputs(batch)).item())
         self.model.train(was_training)
         if not losses:
             raise RaptrError("no validation batches: the validation split is empty; raise data.val_fraction or add data")
         return sum(losses) / len(losses)
 
-    @staticmethod
-    def _model_inputs(batch: dict) -> dict:
-        return {k: batch[k] for k in ("input_ids", "labels", "prefix_len") if k in batch}
+    def _model_inputs(self, batch: dict) -> dict:
+        return {k: batch[k].to(self.device, non_blocking=True) for k in ("input_ids", "labels", "prefix_len") if k in batch}
+
+    def _autocast(self):
+        enabled = self.cfg.train.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self) -> Path:
@@ -191,13 +208,15 @@ class Trainer:
             lr = lr_at(step, self.total_steps, cfg.optim) * info.lr_factor
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss_value = 0.0
+            loss_value, labelled = 0.0, 0
             for micro in range(accum):
                 index = step * accum + micro
                 batch = self.objective(self.batches.train(index), step_generator(seed, index, OBJECTIVE_STREAM))
-                loss = self.model(**self._model_inputs(batch))
+                with self._autocast():
+                    loss = self.model(**self._model_inputs(batch))
                 (loss / accum).backward()
                 loss_value += loss.item() / accum
+                labelled += int((batch["labels"] != -100).sum())
             if not math.isfinite(loss_value):
                 last = checkpoint_dirs(self.ckpt_dir)
                 kept = f"the last good checkpoint {last[-1]} is kept" if last else "no checkpoint was written yet"
@@ -211,10 +230,10 @@ class Trainer:
 
             self.step += 1
             sequences = bsz * accum
-            self.counters["flops"] += self.flops_model.train_step(info.layers_run, sequences)
-            self.counters["full_flops"] += self.flops_model.full_step(sequences)
+            self.counters["flops"] += self.flops_model.train_step(info.layers_run, sequences, labelled)
+            self.counters["full_flops"] += self.flops_model.full_step(sequences, labelled)
             self.counters["tokens"] += sequences * self.flops_model.seq_len
-            self.counters["layers_run"] += info.layers_run
+            self.counters["layer_passes"] += info.layers_run
             self.counters["train_seconds"] += time.perf_counter() - started
             self._log({"kind": "train", "step": self.step, "loss": loss_value, "lr": lr, "stage": info.stage,
                        "layers_run": info.layers_run, "grad_norm": grad_norm, **self.counters})

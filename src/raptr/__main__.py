@@ -1,0 +1,5 @@
+import sys
+
+from raptr.cli import main
+
+sys.exit(main())

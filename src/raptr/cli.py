@@ -1,0 +1,201 @@
+"""``raptr`` command line: train, data, plan (and the comparison/experiment commands).
+
+User mistakes print one line ``error: ...`` and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from raptr.errors import RaptrError
+
+console = Console(stderr=False)
+
+
+# ------------------------------------------------------------------------------------ train
+def _config_help() -> str:
+    from raptr.training.config import describe_fields
+
+    rows = [f"  {key} ({kind}, default {default!r})" for key, kind, default in describe_fields()]
+    return "config keys (override any with key=value):\n" + "\n".join(rows)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from raptr.training.build import build_trainer
+    from raptr.training.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = build_trainer(cfg, progress=not args.quiet)
+    console.print(f"[bold]{cfg.name}[/]: method={cfg.method.name}, {cfg.train.steps} steps -> {trainer.out_dir}")
+    try:
+        summary = trainer.fit(resume=not args.no_resume, fresh=args.fresh, stop_after=args.stop_after)
+    except KeyboardInterrupt:
+        console.print(f"interrupted at step {trainer.step}: run the same command again to resume from the last checkpoint")
+        return 130
+    print_summary(summary)
+    return 0
+
+
+def print_summary(s: dict) -> None:
+    table = Table(title=f"{s['name']} ({s['method']})", show_header=False)
+    table.add_row("steps", f"{s['steps']} / {s['total_steps']}")
+    table.add_row("full-model val loss", f"{s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else "-")
+    table.add_row("FLOPs used", f"{s['flops']:.3e}")
+    table.add_row("vs full model, equal steps", f"{s['relative_flops']:.3f}  (layers only, expected: {s['expected_relative_layer_flops']:.3f})")
+    table.add_row("tokens", f"{s['tokens']:,}")
+    table.add_row("wall-clock (training)", f"{s['train_seconds']:.1f} s")
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------------ data
+def cmd_data(args: argparse.Namespace) -> int:
+    from raptr.data.corpus import build_corpus
+
+    sources = [s for chunk in (args.sources or ["default"]) for s in chunk.split(",") if s]
+    manifest = build_corpus(args.out, sources=sources, val_fraction=args.val_fraction, seed=args.seed)
+    table = Table(title=f"corpus in {args.out}")
+    for col in ("source", "split", "docs", "MB"):
+        table.add_column(col)
+    for row in _manifest_rows(manifest):
+        table.add_row(*row)
+    console.print(table)
+    return 0
+
+
+def _manifest_rows(manifest: dict) -> list[tuple[str, ...]]:
+    rows = []
+    for name, info in manifest.get("sources", {}).items():
+        for split in ("train", "val"):
+            part = info.get(split, {}) if isinstance(info, dict) else {}
+            if part:
+                rows.append((name, split, str(part.get("docs", "")), f"{part.get('bytes', 0) / 1e6:.2f}"))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ plan
+def cmd_plan(args: argparse.Namespace) -> int:
+    from raptr.core import Schedule
+    from raptr.flops import LayerShape, ModelFlops, schedule_relative_flops
+
+    model = None
+    if args.d_model:
+        model = ModelFlops(LayerShape(args.d_model, args.heads or max(1, args.d_model // 64), args.d_ff or 4 * args.d_model),
+                           args.layers, args.seq_len, args.vocab, head_positions=args.head_positions)
+    common = dict(count_fixed=not args.no_count_fixed, fixed=args.fixed, stage_lengths=args.stages)
+    if args.target is not None:
+        return _propose(args, model, common)
+    schedule = Schedule.parse(args.schedule, args.layers, args.steps, full_warmup=args.full_warmup, **common)
+    table = Table(title=f"RaPTr {args.schedule} on {args.layers} layers, fixed {list(schedule.fixed)}, {args.steps} steps")
+    for col in ("stage", "steps", "keep prob p", "expected path", "layer FLOPs vs full"):
+        table.add_column(col, justify="right")
+    for s in schedule.stages:
+        table.add_row(str(s.index), f"{s.start}-{s.end - 1}", f"{s.keep_prob:.3f}", f"{s.path_length:.2f}",
+                      f"{s.path_length / args.layers:.3f}")
+    console.print(table)
+    rel = schedule_relative_flops(schedule, model)
+    console.print(f"relative FLOPs (layers only): [bold]{rel['layers']:.4f}[/]  = {1 / rel['layers']:.2f}x fewer")
+    if model is not None:
+        console.print(f"relative FLOPs (whole model, d={args.d_model}, seq={args.seq_len}, vocab={args.vocab}): "
+                      f"[bold]{rel['model']:.4f}[/]  = {1 / rel['model']:.2f}x fewer")
+    return 0
+
+
+def _propose(args: argparse.Namespace, model, common: dict) -> int:
+    """Enumerate growing schedules ending at the full model; keep those near the target ratio."""
+    from raptr.core import Schedule
+    from raptr.flops import schedule_relative_flops
+
+    L, target = args.layers, args.target
+    if not 0 < target <= 1:
+        raise RaptrError(f"--target {target} must be in (0, 1]: it is FLOPs relative to full-model training")
+    step = max(1, L // 12)
+    lengths = list(range(L - step, 1, -step))
+    found = []
+    for n_stages in range(2, 6):
+        for firsts in itertools.combinations(sorted(lengths), n_stages - 1):
+            spec = "-".join(str(x) for x in firsts + (L,))
+            for stages in ("equal", "prop:1"):
+                try:
+                    sched = Schedule.parse(spec, L, 1000, **{**common, "stage_lengths": stages})
+                except RaptrError:
+                    continue
+                rel = schedule_relative_flops(sched, model)
+                key = rel.get("model", rel["layers"])
+                if abs(key - target) <= args.tolerance:
+                    steps = [b - a for a, b in zip(firsts + (L,), (firsts + (L,))[1:])]
+                    uneven = max(steps) - min(steps) if steps else 0  # prefer evenly spaced paths
+                    found.append(((round(abs(key - target), 2), uneven, stages != "equal", n_stages), spec, stages, rel))
+    if not found:
+        raise RaptrError(f"no schedule within {args.tolerance} of {target}: raise --tolerance")
+    found.sort(key=lambda r: r[0])
+    table = Table(title=f"schedules for {L} layers near relative FLOPs {target}")
+    for col in ("schedule", "stages", "layer FLOPs", "whole-model FLOPs"):
+        table.add_column(col, justify="right")
+    for _, spec, stages, rel in found[: args.top]:
+        table.add_row(spec, stages, f"{rel['layers']:.4f}", f"{rel['model']:.4f}" if "model" in rel else "-")
+    console.print(table)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raptr", description="Progressive subnetwork pretraining (RaPTr).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pretrain a model with a method", epilog=_config_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", help="YAML file or preset name (e.g. bert-tiny-raptr)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 method.raptr.schedule=4-8-12")
+    p.add_argument("--fresh", action="store_true", help="discard checkpoints and logs in the output dir first")
+    p.add_argument("--no-resume", action="store_true", help="don't resume from the last checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="build a text corpus (default: ~100 MB of English from Debian packages)")
+    p.add_argument("--sources", "--source", action="append", help="names (default, lit, tech, austen, ...) or local paths; repeat or comma-separate")
+    p.add_argument("--out", default="data/corpus/default", help="output directory")
+    p.add_argument("--val-fraction", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("plan", help="keep probabilities and FLOPs of a schedule, or schedules for a FLOPs target")
+    p.add_argument("--layers", type=int, required=True)
+    p.add_argument("--schedule", default=None, help="path lengths per stage, e.g. 6-8-10-12")
+    p.add_argument("--target", type=float, default=None, help="propose schedules with this relative FLOPs")
+    p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--stages", default="equal", help="equal | prop:ALPHA | relative lengths")
+    p.add_argument("--fixed", default="first,last")
+    p.add_argument("--no-count-fixed", action="store_true", help="fixed layers don't count towards the path length")
+    p.add_argument("--full-warmup", type=float, default=0.0)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--d-model", type=int, default=0, help="model width, for whole-model FLOPs")
+    p.add_argument("--heads", type=int, default=0)
+    p.add_argument("--d-ff", type=int, default=0)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--head-positions", type=float, default=1.0, help="fraction of positions with logits (MLM: 0.15)")
+    p.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "plan" and args.schedule is None and args.target is None:
+        parser.error("plan needs --schedule or --target")
+    try:
+        return args.func(args)
+    except RaptrError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The pretraining system end to end on the real corpus: trainer, checkpoints, resume, CLI errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from raptr.training.build import build_trainer, prepare_data
+from raptr.training.checkpoint import checkpoint_dirs, load_state, load_weights, save_checkpoint
+from raptr.training.config import load_config
+
+TINY = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_layers=4", "data.vocab_size=1024",
+        "data.seq_len=32", "train.batch_size=4", "train.eval_batches=2", "optim.warmup_steps=2", "train.threads=1",
+        "method.raptr.schedule=3-4"]
+
+
+def tiny_config(tmp_path, data_cache, *extra, preset="bert-tiny-raptr"):
+    overrides = TINY + [f"data.cache_dir={data_cache}", "data.sources=austen", f"train.out_dir={tmp_path}/run"] + list(extra)
+    return load_config(preset, overrides)
+
+
+def raptr_cli(*args, cwd=None, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "raptr", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def test_trainer_runs_raptr_and_logs_flops_and_boundaries(tmp_path, data_cache):
+    cfg = tiny_config(tmp_path, data_cache, "train.steps=16", "train.eval_every=8", "train.checkpoint_every=8",
+                      "model.n_layers=6", "method.raptr.schedule=3-4-6")
+    trainer = build_trainer(cfg, progress=False)
+    summary = trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == list(range(1, 17))
+    assert {r["stage"] for r in train} == {0, 1, 2}
+    assert all(r["layers_run"] == 6 for r in train if r["stage"] == 2)  # last stage: full model
+    assert any(r["layers_run"] < 6 for r in train if r["stage"] == 0)
+    boundary_steps = {r["step"] for r in evals if r.get("boundary")}
+    assert boundary_steps == set(trainer.method.stage_boundaries()) == {5, 11}
+    assert summary["relative_flops"] < 1.0 and summary["final_val_loss"] == evals[-1]["val_loss"]
+    assert (tmp_path / "run" / "summary.json").is_file() and any((tmp_path / "run" / "tb").iterdir())
+    assert checkpoint_dirs(tmp_path / "run" / "checkpoints")[-1].name == "step_0000016"
+
+
+def test_standard_training_learns_on_real_text(tmp_path, data_cache):
+    cfg = tiny_config(tmp_path, data_cache, "train.steps=40", "train.eval_every=40", "method.name=standard",
+                      "optim.lr=0.003", "objective.name=causal", "data.tokenizer=bpe")
+    summary = build_trainer(cfg, progress=False).fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first_eval = next(r for r in rows if r["kind"] == "eval")["val_loss"]
+    assert summary["final_val_loss"] < first_eval - 0.5  # ~ln(1024)=6.9 at init
+    assert summary["relative_flops"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "gpt2", "llama", "opt", "gpt_neox"])
+def test_trainer_trains_each_hf_architecture(tmp_path, data_cache, arch):
+    objective = "mlm" if arch in ("bert", "roberta") else "causal"
+    cfg = tiny_config(tmp_path, data_cache, "model.family=hf", f"model.hf_type={arch}", f"objective.name={objective}",
+                      "train.steps=6", "train.eval_every=6", "method.raptr.schedule=3-4",
+                      "data.tokenizer=" + ("wordpiece" if objective == "mlm" else "bpe"))
+    trainer = build_trainer(cfg, progress=False)
+    summary = trainer.fit()
+    assert summary["steps"] == 6 and summary["final_val_loss"] < 8
+    assert 0.5 < summary["relative_flops"] < 1.0
+
+
+def test_ul2_trains_with_prefix_lm(tmp_path, data_cache):
+    cfg = load_config("ul2-tiny-raptr", TINY + [f"data.cache_dir={data_cache}", "data.sources=austen", "data.seq_len=64",
+                                                f"train.out_dir={tmp_path}/run", "train.steps=6", "train.eval_every=6",
+                                                "method.raptr.schedule=3-4"])
+    summary = build_trainer(cfg, progress=False).fit()
+    assert summary["steps"] == 6 and summary["final_val_loss"] > 0
+
+
+def _run_and_kill(args, run_dir: Path, kill_at_step: int, timeout=240):
+    proc = subprocess.Popen([sys.executable, "-m", "raptr", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and f'"step": {kill_at_step},' in metrics.read_text():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    return proc.returncode
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path, data_cache):
+    common = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "data.sources=austen",
+              "train.steps=14", "train.checkpoint_every=3", "train.eval_every=7", "method.raptr.schedule=3-4"]
+    prepare_data(tiny_config(tmp_path, data_cache))  # build data outside the timed subprocesses
+    straight = raptr_cli(*common, f"train.out_dir={tmp_path}/straight")
+    assert straight.returncode == 0, straight.stderr
+    rc = _run_and_kill(common + [f"train.out_dir={tmp_path}/killed"], tmp_path / "killed", kill_at_step=8)
+    assert rc == -signal.SIGKILL  # really killed mid-run, between checkpoints (6 and 9)
+    assert checkpoint_dirs(tmp_path / "killed" / "checkpoints")[-1].name == "step_0000006"
+    resumed = raptr_cli(*common, f"train.out_dir={tmp_path}/killed")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = train_losses(tmp_path / "straight"), train_losses(tmp_path / "killed")
+    assert sorted(a) == sorted(b) == list(range(1, 15))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]  # bitwise, not approx
+    sa = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert sa["final_val_loss"] == sb["final_val_loss"] and sa["flops"] == sb["flops"]
+
+
+SAVER = """
+import sys, torch
+from pathlib import Path
+from raptr.training.checkpoint import save_checkpoint
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(12)])  # ~50 MB: saving takes a while
+for step in range(1, 10_000):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float(step))
+    save_checkpoint(Path(sys.argv[1]), step, model, {"step": step, "blob": torch.full((10**6,), float(step))}, keep=2)
+    print(step, flush=True)
+"""
+
+
+def test_kill_during_checkpoint_save_keeps_previous_checkpoint_loadable(tmp_path):
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    interrupted_saves = 0
+    for trial, delay in enumerate([0.05, 0.13, 0.21]):
+        root = tmp_path / f"ckpt{trial}"
+        proc = subprocess.Popen([sys.executable, str(script), str(root)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2):
+            proc.stdout.readline()  # two checkpoints are complete
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        interrupted_saves += any(root.glob(".tmp-*"))
+        done = checkpoint_dirs(root)
+        assert len(done) >= 2
+        model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(12)])
+        for path in done:
+            step = load_state(path)["step"]
+            load_weights(path, model)
+            assert all(torch.all(p == step) for p in model.parameters())
+    assert interrupted_saves >= 1  # at least one kill really landed inside a save
+
+
+def test_corrupt_checkpoint_gives_one_clear_error(tmp_path, data_cache):
+    cfg = tiny_config(tmp_path, data_cache, "train.steps=4", "train.checkpoint_every=2")
+    build_trainer(cfg, progress=False).fit()
+    last = checkpoint_dirs(tmp_path / "run" / "checkpoints")[-1]
+    (last / "model.safetensors").write_bytes(b"garbage")
+    result = raptr_cli("train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}",
+                       "data.sources=austen", "train.steps=4", "train.checkpoint_every=2", f"train.out_dir={tmp_path}/run")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: checkpoint") and "unreadable" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, data_cache):
+    args = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "data.sources=austen",
+            "train.steps=60", "train.checkpoint_every=2", "optim.warmup_steps=0", "optim.grad_clip=0", "optim.lr=1e9",
+            "optim.weight_decay=0", f"train.out_dir={tmp_path}/run"]
+    result = raptr_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "training loss became" in result.stderr and "Traceback" not in result.stderr
+    kept = checkpoint_dirs(tmp_path / "run" / "checkpoints")
+    for path in kept:  # whatever was kept is loadable
+        load_state(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=5", "unknown config key 'train.stepz': did you mean 'train.steps'?"),
+        ("train.steps=abc", "'train.steps' must be an integer"),
+        ("train.steps=-3", "'train.steps' must be positive"),
+        ("model.n_heads=3", "not divisible"),
+        ("method.name=magic", "'method.name' is 'magic'"),
+        ("method.raptr.schedule=8-6-12", "decreases"),
+        ("optim.betas=[0.9]", "optim.betas must be two numbers"),
+        ("objective.mask_rate=1.5", "objective.mask_rate must be in (0, 1)"),
+        ("model.family=hf", "does not fit"),  # hf bert is fine; combined below with causal
+    ],
+)
+def test_config_errors_are_one_line_exit_2(tmp_path, override, message):
+    extra = ["objective.name=causal", "model.hf_type=bert"] if override == "model.family=hf" else []
+    result = raptr_cli("train", "--config", "bert-tiny-raptr", override, *extra, f"train.out_dir={tmp_path}/x",
+                       "data.sources=/nonexistent/never-read")
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_bad_config_files_and_presets(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {d_model: [\n")
+    for args, message in [(["--config", str(bad)], "not valid YAML"),
+                          (["--config", "no-such-preset"], "no config file or preset named"),
+                          (["--config", "bert-tiny-raptr", "notakeyvalue"], "has no '='")]:
+        result = raptr_cli("train", *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_missing_source_path_is_a_clean_error(tmp_path):
+    result = raptr_cli("train", "--config", "bert-tiny-raptr", f"data.cache_dir={tmp_path}", "data.sources=/no/such/dir",
+                       f"train.out_dir={tmp_path}/x")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_other_config_in_same_out_dir_is_refused(tmp_path, data_cache):
+    build_trainer(tiny_config(tmp_path, data_cache, "train.steps=2", "train.checkpoint_every=2"), progress=False).fit()
+    result = raptr_cli("train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}",
+                       "data.sources=austen", "train.steps=2", "optim.lr=0.1", f"train.out_dir={tmp_path}/run")
+    assert result.returncode == 2 and "holds a run with a different config" in result.stderr, result.stderr
