@@ -30,7 +30,7 @@ def austen(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tokenizers(austen, tmp_path_factory):
+def tokenizers(austen):
     corpus_dir, _ = austen
     return {kind: train_tokenizer(corpus_dir, kind, 4096, progress=False) for kind in ("wordpiece", "bpe")}
 

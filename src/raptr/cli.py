@@ -31,13 +31,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     trainer = build_trainer(cfg, progress=not args.quiet)
-    console.print(f"[bold]{cfg.name}[/]: method={cfg.method.name}, {cfg.train.steps} steps -> {trainer.out_dir}")
+    if trainer.is_main:
+        console.print(f"[bold]{cfg.name}[/]: method={cfg.method.name}, {cfg.train.steps} steps -> {trainer.out_dir}")
     try:
         summary = trainer.fit(resume=not args.no_resume, fresh=args.fresh, stop_after=args.stop_after)
     except KeyboardInterrupt:
         console.print(f"interrupted at step {trainer.step}: run the same command again to resume from the last checkpoint")
         return 130
-    print_summary(summary)
+    finally:
+        from raptr.training.distributed import shutdown
+
+        shutdown(trainer.dist)
+    if summary:  # rank 0 only under torchrun
+        print_summary(summary)
     return 0
 
 

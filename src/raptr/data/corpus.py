@@ -698,17 +698,21 @@ def _deb_members(deb: Path, include: Sequence[str], exclude: Sequence[str] = ())
         raise RaptrError(_NO_APT)
     proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    complete = False
     try:
         with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
             for m in tar:
                 if (m.isfile() and any(fnmatch(m.name, p) for p in include)
                         and not any(fnmatch(m.name, p) for p in exclude)):
                     yield m.name.removeprefix("."), tar.extractfile(m).read()
+        complete = True
     finally:
+        if not complete:  # the reader stopped early (an error downstream): just stop dpkg-deb
+            proc.kill()
         proc.stdout.close()
         err = proc.stderr.read().decode(errors="replace")
         proc.stderr.close()
-        if proc.wait() not in (0, -13) and err:  # -13: we stopped reading early (SIGPIPE)
+        if proc.wait() != 0 and complete:
             raise RuntimeError(f"dpkg-deb failed on {deb.name}: {err.strip()[-300:]}")
 
 

@@ -73,6 +73,7 @@ def tokenize_corpus(
 
     Reuses the files in out_dir when meta.json records the same tokenizer and corpus.
     """
+    tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)  # a transformers fast tokenizer
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
     manifest = load_manifest(corpus_dir)

@@ -1,4 +1,8 @@
 from raptr.methods.base import Method, Standard, StepInfo, TrainingContext
+from raptr.methods.layerdrop import LayerDrop, keep_prob_for_flops
+from raptr.methods.pld import ProgressiveLayerDrop
 from raptr.methods.raptr import RaPTrMethod, RaPTrOptions, wrap
+from raptr.methods.stacking import GradualStacking
 
-__all__ = ["Method", "Standard", "StepInfo", "TrainingContext", "RaPTrMethod", "RaPTrOptions", "wrap"]
+__all__ = ["Method", "Standard", "StepInfo", "TrainingContext", "RaPTrMethod", "RaPTrOptions", "wrap",
+           "GradualStacking", "ProgressiveLayerDrop", "LayerDrop", "keep_prob_for_flops"]

@@ -37,6 +37,16 @@ class StepInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def decay_groups(model: "nn.Module") -> tuple[list, list]:
+    """AdamW parameter groups in model order: matrices get weight decay, biases and norms don't.
+
+    The trainer builds its optimizer from this, and a method that changes the model (stacking)
+    regroups with it, so the optimizer's parameter order is always the model's (resume relies on it).
+    """
+    params = list(model.parameters())
+    return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+
+
 class Method:
     name = "method"
 

@@ -18,7 +18,8 @@ from raptr.methods import Method, RaPTrMethod, Standard
 from raptr.models.hf import HFLanguageModel, build_hf_model
 from raptr.models.reference import TransformerConfig, TransformerLM
 from raptr.training.config import RunConfig
-from raptr.training.trainer import Batches, Trainer
+from raptr.training import distributed as D
+from raptr.training.trainer import Batches, Trainer, resolve_device
 
 
 @dataclass
@@ -91,11 +92,30 @@ def build_method(cfg: RunConfig) -> Method:
         return Standard()
     if name == "raptr":
         return RaPTrMethod(cfg.method.raptr)
-    raise RaptrError(f"method '{name}' is not available in this version: use standard or raptr")
+    if name == "stacking":
+        from raptr.methods.stacking import GradualStacking
+
+        return GradualStacking(cfg.method.stacking)
+    if name == "pld":
+        from raptr.methods.pld import ProgressiveLayerDrop
+
+        return ProgressiveLayerDrop(cfg.method.pld)
+    if name == "layerdrop":
+        from raptr.methods.layerdrop import LayerDrop
+
+        return LayerDrop(cfg.method.layerdrop)
+    raise RaptrError(f"unknown method {name!r}: use standard, raptr, stacking, pld or layerdrop")
 
 
 def build_trainer(cfg: RunConfig, progress: bool = True, data: Data | None = None) -> Trainer:
-    data = data or prepare_data(cfg, progress)
+    if data is None:
+        # Under torchrun rank 0 builds the data cache first; the others then just read it.
+        info = D.init_distributed(resolve_device(cfg.train.device))
+        if not info.is_main:
+            D.barrier(info)
+        data = prepare_data(cfg, progress and info.is_main)
+        if info.enabled and info.is_main:
+            D.barrier(info)
     vocab = data.tokenizer.get_vocab_size()
     objective = build_objective(cfg, data.ids, vocab)
     model = build_model(cfg, vocab)

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from raptr.errors import RaptrError
@@ -27,13 +27,18 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict, keep: int) -> Path:
+def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict, keep: int, weights: dict | None = None) -> Path:
+    """``weights``: an already-gathered full state dict (FSDP2); default: the module's own."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+    if weights is None:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+    else:  # one name per tensor, as save_model writes: tied weights appear once in named_parameters
+        names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        save_file({k: v.detach().contiguous() for k, v in weights.items() if k in names}, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
     (tmp / "DONE").write_text(str(step))
     _fsync_dir(tmp)
@@ -64,7 +69,13 @@ def load_state(path: Path) -> dict:
         raise _unreadable(path, e) from None
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
+def load_weights(path: Path, model: nn.Module | None = None) -> dict | None:
+    """Load weights into ``model``; with no model, return the tensors (for FSDP2's set_model_state_dict)."""
+    if model is None:
+        try:
+            return load_file(str(path / "model.safetensors"))
+        except Exception as e:
+            raise _unreadable(path, e) from None
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     except Exception as e:

@@ -106,6 +106,9 @@ class TrainConfig:
     threads: int = 0  # torch threads (0 = torch's default)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast on GPU)
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2, one unit per block); batch_size is the global batch
+    compile: bool = False  # torch.compile each block (the path choice stays in eager Python)
+    path_check_every: int = 50  # under torchrun: all-reduce a hash of the path every N steps
     out_dir: str = "runs/{name}"
 
 
@@ -136,6 +139,7 @@ CHOICES = {
     "method.stacking.optimizer_state": ("copy", "reset"),
     "optim.decay": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16"),
+    "train.parallel": ("ddp", "fsdp"),
 }
 
 
@@ -258,7 +262,7 @@ def validate(cfg: RunConfig) -> None:
             raise RaptrError(f"'{key}' is {flat[key]!r}: use one of {', '.join(allowed)}")
     positive = ["model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "data.vocab_size", "data.seq_len",
                 "train.steps", "train.batch_size", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-                "train.keep_checkpoints", "train.log_every", "optim.lr", "optim.grad_accum"]
+                "train.keep_checkpoints", "train.log_every", "train.path_check_every", "optim.lr", "optim.grad_accum"]
     for key in positive:
         if flat[key] <= 0:
             raise RaptrError(f"'{key}' must be positive, got {flat[key]}")

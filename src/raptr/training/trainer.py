@@ -8,6 +8,7 @@ run killed at any step and resumed gives bitwise-identical losses on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -24,8 +25,9 @@ from tqdm.auto import tqdm
 from raptr.core import step_generator
 from raptr.errors import RaptrError
 from raptr.flops import ModelFlops
-from raptr.methods.base import Method, TrainingContext
+from raptr.methods.base import Method, TrainingContext, decay_groups
 from raptr.models.registry import find_layer_stack
+from raptr.training import distributed as D
 from raptr.training.checkpoint import checkpoint_dirs, load_state, load_weights, save_checkpoint
 from raptr.training.config import OptimConfig, RunConfig, flatten, to_dict
 
@@ -54,9 +56,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(model: nn.Module, opt: OptimConfig) -> torch.optim.AdamW:
-    # No weight decay on biases and norms (standard BERT/GPT practice).
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    decay, no_decay = decay_groups(model)  # no weight decay on biases and norms
     groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
@@ -78,15 +78,35 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.progress = progress
         self.device = resolve_device(cfg.train.device)
+        self.dist = D.init_distributed(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if cfg.train.batch_size % self.dist.world:
+            raise RaptrError(f"train.batch_size={cfg.train.batch_size} (the global batch) must divide among {self.dist.world} ranks")
         self.model.to(self.device)
         self.total_steps = cfg.train.steps
         self.context = TrainingContext(model, find_layer_stack(model), self.total_steps, cfg.train.seed)
         self.method.attach(self.context)
+        if self.dist.enabled and cfg.train.parallel == "fsdp" and self.method.name == "stacking":
+            raise RaptrError("stacking grows the model, which FSDP2 shards once: use train.parallel=ddp")
+        if cfg.train.compile:
+            for layer in self.context.layers:  # per block, as torchtitan: paths never recompile
+                layer.compile()
+        self.forward_model = self._wrap()
         self.optimizer = make_optimizer(model, cfg.optim)
         self.context.optimizer = self.optimizer
         self.step = 0
         self.counters = {"flops": 0.0, "full_flops": 0.0, "tokens": 0, "train_seconds": 0.0, "layer_passes": 0}
         self._tb = None
+
+    def _wrap(self) -> nn.Module:
+        self._n_params = len(list(self.model.parameters()))
+        return D.wrap_model(self.model, self.context.layers, self.dist, self.cfg.train.parallel,
+                            may_skip=self.method.name != "standard")
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -112,16 +132,32 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # ---------------------------------------------------------------- checkpoints
-    def _save(self) -> Path:
+    def _full_states(self) -> tuple[dict | None, dict]:
+        """Model weights (None: take them from the module) and optimizer state, unsharded."""
+        if self.dist.enabled and self.cfg.train.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return (get_model_state_dict(self.model, options=options),
+                    get_optimizer_state_dict(self.model, self.optimizer, options=options))
+        return None, self.optimizer.state_dict()
+
+    def _save(self) -> Path | None:
+        weights, optimizer_state = self._full_states()
+        if not self.is_main:
+            D.barrier(self.dist)
+            return None
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "method": self.method.state_dict(),
             "counters": dict(self.counters),
             "torch_rng": torch.get_rng_state(),
             "config": to_dict(self.cfg),
         }
-        return save_checkpoint(self.ckpt_dir, self.step, self.model, state, self.cfg.train.keep_checkpoints)
+        path = save_checkpoint(self.ckpt_dir, self.step, self.model, state, self.cfg.train.keep_checkpoints, weights)
+        D.barrier(self.dist)
+        return path
 
     def _resume(self) -> bool:
         found = checkpoint_dirs(self.ckpt_dir)
@@ -130,11 +166,20 @@ class Trainer:
         path = found[-1]
         state = load_state(path)
         self.method.load_state_dict(state["method"])  # may reshape the model (stacking) first
-        load_weights(path, self.model)
-        if len(self.optimizer.param_groups[0]["params"]) + len(self.optimizer.param_groups[1]["params"]) != len(list(self.model.parameters())):
+        if self.dist.enabled and self.cfg.train.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True, strict=False)  # tied weights are stored once
+            set_model_state_dict(self.model, load_weights(path), options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        else:
+            load_weights(path, self.model)
+            if self.dist.enabled and len(list(self.model.parameters())) != self._n_params:
+                self.forward_model = self._wrap()  # stacking regrew the model
+            # Rebuild in the model's (possibly regrown) parameter order, then load the moments.
             self.optimizer = make_optimizer(self.model, self.cfg.optim)
             self.context.optimizer = self.optimizer
-        self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.counters = state["step"], dict(state["counters"])
         return True
@@ -161,6 +206,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- logging
     def _log(self, record: dict) -> None:
+        if not self.is_main:
+            return
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None and (record["kind"] == "eval" or record["step"] % self.cfg.train.log_every == 0):
@@ -184,39 +231,67 @@ class Trainer:
             self._tb = None
 
     # ---------------------------------------------------------------- the loop
+    def _train_step(self, step: int) -> tuple[float, int]:
+        """Forward/backward of every micro-batch of one optimizer step; returns (loss, labelled)."""
+        accum, seed, d = self.cfg.optim.grad_accum, self.cfg.train.seed, self.dist
+        loss_value, labelled = 0.0, 0
+        for micro in range(accum):
+            index = step * accum + micro
+            # The objective sees the global batch, then each rank keeps its rows: the data and the
+            # masking are the same for any number of ranks.
+            batch = self.objective(self.batches.train(index), step_generator(seed, index, OBJECTIVE_STREAM))
+            total = int((batch["labels"] != -100).sum())
+            if d.enabled:
+                rows = batch["input_ids"].shape[0] // d.world
+                batch = {k: v[d.rank * rows:(d.rank + 1) * rows] for k, v in batch.items()}
+            mine = int((batch["labels"] != -100).sum())
+            # Weight each rank's mean by its share of the labelled positions, so that DDP's average
+            # is the global batch's mean loss (exactly 1.0 on one process).
+            weight = mine * d.world / total if total else 0.0
+            sync = contextlib.nullcontext()
+            if d.enabled and micro < accum - 1 and hasattr(self.forward_model, "no_sync"):
+                sync = self.forward_model.no_sync()
+            with sync:
+                with self._autocast():
+                    loss = self.forward_model(**self._model_inputs(batch))
+                (loss * weight / accum).backward()
+            loss_value += loss.item() * (mine / total if total else 0.0) / accum
+            labelled += total
+        return D.all_sum([loss_value], d)[0], labelled
+
     def fit(self, resume: bool = True, fresh: bool = False, stop_after: int | None = None) -> dict:
         """Train to ``train.steps`` (or stop after ``stop_after`` more steps); returns the summary."""
         cfg = self.cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self._check_config(fresh)
+        if self.is_main:
+            self._check_config(fresh)
+        D.barrier(self.dist)
         resumed = resume and self._resume()
-        self._truncate_log() if resumed else (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
-        self._open_tensorboard()
-        accum, bsz, seed = cfg.optim.grad_accum, cfg.train.batch_size, cfg.train.seed
+        if self.is_main:
+            self._truncate_log() if resumed else (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            self._open_tensorboard()
         boundaries = set(self.method.stage_boundaries())
         if not resumed:
             self._log({"kind": "eval", "step": 0, "val_loss": self.evaluate(), "stage": 0, **self.counters})
         end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.name, disable=not self.progress,
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.name, disable=not (self.progress and self.is_main),
                    dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
         self.model.train()
         while self.step < end:
             step = self.step
             started = time.perf_counter()
             info = self.method.begin_step(step)
+            if self.dist.enabled:
+                if len(list(self.model.parameters())) != self._n_params:
+                    self.forward_model = self._wrap()  # stacking grew the model: DDP must see the new layers
+                if step % cfg.train.path_check_every == 0:
+                    replicas = self.model if self.cfg.train.parallel == "ddp" else None
+                    D.check_same_path(info.path, step, self.dist, replicas)
             lr = lr_at(step, self.total_steps, cfg.optim) * info.lr_factor
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss_value, labelled = 0.0, 0
-            for micro in range(accum):
-                index = step * accum + micro
-                batch = self.objective(self.batches.train(index), step_generator(seed, index, OBJECTIVE_STREAM))
-                with self._autocast():
-                    loss = self.model(**self._model_inputs(batch))
-                (loss / accum).backward()
-                loss_value += loss.item() / accum
-                labelled += int((batch["labels"] != -100).sum())
+            loss_value, labelled = self._train_step(step)
             if not math.isfinite(loss_value):
                 last = checkpoint_dirs(self.ckpt_dir)
                 kept = f"the last good checkpoint {last[-1]} is kept" if last else "no checkpoint was written yet"
@@ -229,7 +304,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)  # skipped layers keep grad=None: AdamW leaves them alone
 
             self.step += 1
-            sequences = bsz * accum
+            sequences = cfg.train.batch_size * cfg.optim.grad_accum
             self.counters["flops"] += self.flops_model.train_step(info.layers_run, sequences, labelled)
             self.counters["full_flops"] += self.flops_model.full_step(sequences, labelled)
             self.counters["tokens"] += sequences * self.flops_model.seq_len
@@ -255,6 +330,9 @@ class Trainer:
         return self.summary()
 
     def summary(self) -> dict:
+        if not self.is_main:  # the log and summary live on rank 0
+            D.barrier(self.dist)
+            return {}
         evals = [json.loads(line) for line in (self.out_dir / "metrics.jsonl").read_text().splitlines()
                  if '"kind": "eval"' in line]
         c = self.counters
@@ -267,4 +345,5 @@ class Trainer:
             "tokens": c["tokens"], "train_seconds": c["train_seconds"],
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        D.barrier(self.dist)
         return summary

@@ -1,0 +1,98 @@
+"""LayerDrop / stochastic depth with a constant keep probability (Fan et al. 2019; Huang et al. 2016).
+
+Every step, each non-fixed layer runs with the same probability p (one Bernoulli per layer per
+step from ``core.step_generator(seed, step)``, the draw RaPTr's sampler makes); fixed layers
+always run. Kept non-fixed layers scale their residual branch by ``core.branch_scale(p, scaling)``
+(``linear`` = 1/p, the stochastic-depth default; ``sqrt``; ``none``). Eval runs the full model,
+unscaled. This is the constant-rate control the RaPTr reviewers asked for: RaPTr with a single
+stage that never reaches the full model. ``keep_prob_for_flops`` picks p to match another
+method's FLOPs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from raptr.core import SCALINGS, GatedLayers, PathSampler, branch_scale, parse_fixed
+from raptr.errors import RaptrError
+from raptr.methods.base import Method, StepInfo, TrainingContext
+
+if TYPE_CHECKING:
+    from raptr.training.config import LayerDropOptions
+
+
+def keep_prob_for_flops(target_relative: float, num_layers: int, fixed: str | Sequence[int] | None = "none") -> float:
+    """Keep probability p whose expected layer FLOPs are ``target_relative`` of the full model.
+
+    Solves (|fixed| + p (L − |fixed|)) / L = target, e.g. to match RaPTr 6-8-10-12 (0.75) on 12
+    layers with no fixed layers: p = 0.75; with first and last fixed: p = (9 − 2)/10 = 0.7.
+    """
+    fixed_layers = parse_fixed(fixed, num_layers)
+    free = num_layers - len(fixed_layers)
+    floor = len(fixed_layers) / num_layers
+    if free == 0:
+        if abs(target_relative - 1.0) > 1e-12:
+            raise RaptrError(f"every layer is fixed, so the FLOPs are 1.0, not {target_relative:g}: fix fewer layers")
+        return 1.0
+    p = (target_relative * num_layers - len(fixed_layers)) / free
+    if not 0.0 < p <= 1.0 + 1e-12:
+        raise RaptrError(
+            f"relative FLOPs {target_relative:g} cannot be reached with {len(fixed_layers)} of {num_layers} layers fixed: "
+            f"pick a target in ({floor:g}, 1] or fix fewer layers"
+        )
+    return min(p, 1.0)
+
+
+class LayerDrop(Method):
+    """Constant-probability layer dropping (name ``"layerdrop"``)."""
+
+    name = "layerdrop"
+
+    def __init__(self, options: "LayerDropOptions | None" = None):
+        if options is None:
+            from raptr.training.config import LayerDropOptions
+
+            options = LayerDropOptions()
+        if not 0.0 < options.keep_prob <= 1.0:
+            raise RaptrError(f"LayerDrop keep_prob must be in (0, 1], got {options.keep_prob}")
+        if options.scaling not in SCALINGS:
+            raise RaptrError(f"unknown LayerDrop scaling {options.scaling!r}: use one of {', '.join(SCALINGS)}")
+        self.options = options
+
+    @property
+    def keep_prob(self) -> float:
+        return self.options.keep_prob
+
+    def attach(self, context: TrainingContext) -> None:
+        super().attach(context)
+        self.num_layers = len(context.layers)
+        self.fixed = parse_fixed(self.options.fixed, self.num_layers)
+        self.sampler = PathSampler(self.num_layers, self.fixed, context.seed, "bernoulli")
+        self.scale = branch_scale(self.keep_prob, self.options.scaling)
+        self.scales = [1.0 if i in self.fixed else self.scale for i in range(self.num_layers)]
+        self.gates = GatedLayers(context.layers)
+
+    def path(self, step: int) -> tuple[bool, ...]:
+        """Which layers run at ``step`` (pure: a function of (seed, step) only)."""
+        return self.sampler.sample(step, self.keep_prob)
+
+    def begin_step(self, step: int) -> StepInfo:
+        active = self.path(step)
+        self.gates.set_path(active, self.scales)
+        return StepInfo(0, sum(active), active, extra={"keep_prob": self.keep_prob})
+
+    def expected_relative_flops(self) -> float:
+        """(|fixed| + p (L − |fixed|)) / L."""
+        L, k = self.num_layers, len(self.fixed)
+        return (k + self.keep_prob * (L - k)) / L
+
+    def state_dict(self) -> dict:
+        return {"keep_prob": self.keep_prob, "scaling": self.options.scaling, "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["keep_prob"] != self.keep_prob or state["scaling"] != self.options.scaling:
+            raise RaptrError(
+                f"checkpoint was written by LayerDrop keep_prob={state['keep_prob']} scaling={state['scaling']}, this run has "
+                f"keep_prob={self.keep_prob} scaling={self.options.scaling}: resume with the same settings"
+            )
+        self.sampler.load_state_dict(state["sampler"])

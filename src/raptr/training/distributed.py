@@ -1,0 +1,117 @@
+"""torchrun support: DDP or FSDP2 with one RaPTr path per step shared by every rank.
+
+Every rank draws the same path with no communication (the sampler is seeded by (seed, step)),
+so skipped layers are *globally* unused: DDP's ``find_unused_parameters`` leaves their ``.grad``
+``None`` and FSDP2 issues no collectives for a skipped block on any rank. A cheap all-reduce of a
+path hash every few steps turns a broken assumption into a clear error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raptr.errors import RaptrError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the torchrun process group if launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def wrap_model(model: nn.Module, layers: nn.ModuleList, info: DistInfo, strategy: str, may_skip: bool) -> nn.Module:
+    """The module the training forward goes through (``model`` itself on one process)."""
+    if not info.enabled:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in layers:  # one FSDP unit per block: a skipped block costs no all-gather
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [info.local_rank] if next(model.parameters()).is_cuda else None
+    # Needed only when layers can be skipped: it costs a graph traversal per step.
+    return DDP(model, device_ids=device_ids, find_unused_parameters=may_skip)
+
+
+def path_hash(path: tuple[bool, ...] | None, step: int) -> int:
+    bits = 0 if path is None else sum(1 << i for i, run in enumerate(path) if run)
+    return (bits * 1_000_003 + step) % (2**61 - 1)
+
+
+def _agree(values: list[float], info: DistInfo) -> list[bool]:
+    """For each value: is it the same on every rank? (one MAX all-reduce of values and negations)"""
+    t = torch.tensor(values + [-v for v in values], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    n = len(values)
+    return [t[i].item() == v and -t[n + i].item() == v for i, v in enumerate(values)]
+
+
+def check_same_path(path: tuple[bool, ...] | None, step: int, info: DistInfo, model: nn.Module | None = None) -> None:
+    """All ranks must run the same layers this step (and, under DDP, hold the same weights)."""
+    if not info.enabled:
+        return
+    values = [float(path_hash(path, step) % 2**52)]
+    if model is not None:  # replicas: bitwise-equal weights give bitwise-equal sums
+        values.append(sum(float(p.detach().double().sum()) for p in model.parameters()))
+    same = _agree(values, info)
+    if not same[0]:
+        raise RaptrError(
+            f"ranks drew different layer paths at step {step}: every rank must use the same train.seed and "
+            "schedule (the path is a function of seed and step only)"
+        )
+    if len(same) > 1 and not same[1]:
+        raise RaptrError(f"DDP replicas hold different weights at step {step}: a rank skipped a layer the others ran; "
+                         "report this with your config")
+
+
+def all_sum(values: list[float], info: DistInfo) -> list[float]:
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

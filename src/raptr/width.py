@@ -1,0 +1,576 @@
+"""Width subnetworks (RaPTr v2, "Random Part Training"): random heads and FFN units per step.
+
+At every optimizer step each layer trains a random subset of its attention heads and a random
+subset of its FFN hidden units; the kept fraction grows stage by stage (``"0.5-0.75-1"``) until
+the last stage trains the full model. The full model is kept throughout (principle P1).
+
+    wr = WidthRaPTr(model, "0.5-0.75-1", total_steps=10_000, seed=0, scaling="none")
+    for step in range(10_000):
+        plan = wr.step(step)          # this step's heads/units per layer; smaller matmuls
+        model(batch).loss.backward()
+        opt.step(); opt.zero_grad(set_to_none=True)
+
+How (see docs/width.md for the choices and why):
+
+* **Real savings, no masks.** The projections that *produce* heads/units (q, k, v / fused qkv;
+  fc1, gate, up) compute only the kept output rows, ``F.linear(x, W.index_select(0, idx), b[idx])``;
+  the projections that *consume* them (attention output, fc2, down) use only the kept input
+  columns, ``F.linear(h, s * W.index_select(1, idx), b)``. Attention runs on the kept heads only.
+  The matmuls and the attention scores shrink with the kept fraction.
+* **In place, keys unchanged.** The ``nn.Linear`` modules get a subclass of their own class
+  (``WidthLinear``) whose ``forward`` slices; the reference ``Block`` gets one whose ``attention``
+  reads the head count from the sliced tensor. Names, parameters and state-dict keys are untouched;
+  ``unwrap()`` gives the classes back. HF attention code is not replaced: BERT and Llama reshape
+  with ``view(..., -1, head_dim)``, so fewer heads pass through their own forward (eager, sdpa or
+  flash) unchanged.
+* **Gradients.** Autograd of ``index_select`` scatters the slice's gradient back into a
+  full-size zero tensor: kept rows/columns get exactly the gradient of the small layer, the others
+  get **zero** (not ``None``; one tensor per parameter cannot be partly ``None``). AdamW then still
+  decays their moments and moves them along their old momentum and by weight decay; ``freeze_idle``
+  (opt-in) undoes that for the idle slices, which is what depth skipping gets for free.
+* **Sampling.** One subset per layer per optimizer step, from ``core.step_generator(seed, step,
+  stream)`` with streams of their own (``HEADS_STREAM``, ``UNITS_STREAM``), apart from depth
+  sampling (stream 0) and the trainer's (1, 2): depth and width combine, every rank draws the same
+  subsets, resume needs no RNG state. Subsets have a fixed size ``k = f·n``; a fractional ``f·n``
+  is rounded up with probability ``frac(f·n)``, so expected FLOPs are exactly the schedule's.
+  With grouped-query attention the unit of sampling is a KV group (one KV head and its
+  ``n_heads / n_kv_heads`` query heads), so queries always keep their own keys and values.
+* **Scaling** (``none | sqrt | linear``): the kept heads'/units' contribution to the sub-block
+  output (the attention output projection / the FFN output projection, *not* its bias) is
+  multiplied by ``1/f`` or ``1/sqrt(f)``, ``f = k/n`` the realised kept fraction of that layer.
+  Linear makes the sub-block output an unbiased estimate of the full one over random subsets.
+* ``model.eval()`` runs the full model, unscaled; at fraction 1 nothing is sliced, so the outputs
+  are bit-identical to the unwrapped model.
+
+Supported layers: raptr's reference ``Block``; HF ``BertLayer``/``RobertaLayer`` (self-attention
+only) and ``LlamaDecoderLayer``/``MistralDecoderLayer``/``Qwen2DecoderLayer``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raptr.core import SCALINGS, branch_scale, parse_fixed, parse_stage_lengths, step_generator
+from raptr.errors import RaptrError
+from raptr.flops import LayerShape
+
+# step_generator streams: 0 is depth RaPTr's path, 1 and 2 the trainer's objective and eval.
+HEADS_STREAM, UNITS_STREAM = 11, 12
+
+BERT_LIKE = ("BertLayer", "RobertaLayer")
+LLAMA_LIKE = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+SUPPORTED = "raptr's reference Block, " + "/".join(BERT_LIKE) + " and " + "/".join(LLAMA_LIKE)
+
+# --------------------------------------------------------------------------------------------
+# 1. Schedule of kept fractions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WidthStage:
+    index: int
+    start: int
+    end: int  # one past the last step
+    fraction: float  # kept fraction of heads (KV groups) and FFN units
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+
+class WidthSchedule:
+    """Stages of kept width fractions, e.g. ``"0.5-0.75-1"``: a pure function of the step."""
+
+    def __init__(self, fractions: Sequence[float], total_steps: int, stage_lengths: str | Sequence[float] = "equal",
+                 full_warmup: float = 0, require_full_final: bool = True):
+        if total_steps < 1:
+            raise RaptrError(f"total_steps must be >= 1, got {total_steps}")
+        fracs = [float(f) for f in fractions]
+        if not fracs:
+            raise RaptrError("empty width schedule: give at least one kept fraction, e.g. '0.5-0.75-1'")
+        text = "-".join(f"{f:g}" for f in fracs)
+        for f in fracs:
+            if not 0.0 < f <= 1.0:
+                raise RaptrError(f"kept width fraction {f:g} in {text!r} is outside (0, 1]: give fractions like '0.5-0.75-1'")
+        if any(b < a for a, b in zip(fracs, fracs[1:])):
+            raise RaptrError(f"width schedule {text!r} decreases: kept fractions must grow (or stay) stage by stage")
+        if require_full_final and fracs[-1] < 1.0:
+            raise RaptrError(f"width schedule {text!r} ends at {fracs[-1]:g}, not the full model: end it at 1, "
+                             "or pass require_full_final=False if that is intended")
+        warm = int(round(full_warmup * total_steps)) if 0 < full_warmup < 1 else int(full_warmup)
+        if warm < 0 or warm >= total_steps:
+            raise RaptrError(f"full_warmup={full_warmup} must be >= 0 and shorter than total_steps={total_steps}")
+        lengths = parse_stage_lengths(stage_lengths, len(fracs), total_steps - warm)
+        if warm:
+            fracs, lengths = [1.0] + fracs, [warm] + lengths
+        stages, start = [], 0
+        for i, (f, n) in enumerate(zip(fracs, lengths)):
+            stages.append(WidthStage(i, start, start + n, f))
+            start += n
+        self.stages: tuple[WidthStage, ...] = tuple(stages)
+        self.total_steps = total_steps
+
+    @classmethod
+    def parse(cls, spec: str | Sequence[float], total_steps: int, **kwargs: Any) -> "WidthSchedule":
+        if not isinstance(spec, str):
+            return cls(list(spec), total_steps, **kwargs)
+        body = spec.strip().replace(" ", "")
+        try:
+            values = [float(x) for x in body.replace(",", "-").split("-") if x != ""]
+        except ValueError:
+            raise RaptrError(f"cannot read width schedule {spec!r}: write kept fractions per stage like '0.5-0.75-1'") from None
+        return cls(values, total_steps, **kwargs)
+
+    def stage_at(self, step: int) -> WidthStage:
+        for stage in self.stages:
+            if step < stage.end:
+                return stage
+        return self.stages[-1]  # past total_steps: keep the last stage
+
+    def fraction(self, step: int) -> float:
+        return self.stage_at(step).fraction
+
+    @property
+    def boundaries(self) -> list[int]:
+        return [s.start for s in self.stages[1:]]
+
+    def __repr__(self) -> str:
+        return "WidthSchedule(" + ", ".join(f"[{s.start},{s.end}) f={s.fraction:g}" for s in self.stages) + ")"
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Sliced linears and layer adapters
+# --------------------------------------------------------------------------------------------
+
+
+class WidthLinear:
+    """Mixin put in front of an ``nn.Linear``'s class: computes with a slice of its weight.
+
+    ``_width_dim`` 0: only the output features ``_width_idx`` (rows of W and bias entries);
+    ``_width_dim`` 1: only the input features ``_width_idx`` (columns of W), the kept
+    contribution scaled by ``_width_scale``, the bias added in full. ``None`` or eval mode: the
+    plain ``nn.Linear`` forward.
+    """
+
+    _width_idx: torch.Tensor | None = None
+    _width_dim: int = 0
+    _width_scale: float = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self._width_idx
+        if idx is None or not self.training:
+            return super().forward(x)
+        if self._width_dim == 0:
+            bias = None if self.bias is None else self.bias.index_select(0, idx)
+            return F.linear(x, self.weight.index_select(0, idx), bias)
+        weight = self.weight.index_select(1, idx)
+        if self._width_scale != 1.0:
+            weight = weight * self._width_scale  # a d×k tensor: cheaper than scaling activations
+        return F.linear(x, weight, self.bias)
+
+    def width_params(self) -> list[tuple[nn.Parameter, int]]:
+        """(parameter, sliced dim) pairs: what ``_width_idx`` indexes."""
+        out = [(self.weight, self._width_dim)]
+        if self._width_dim == 0 and self.bias is not None:
+            out.append((self.bias, 0))
+        return out
+
+
+class WidthBlock:
+    """Mixin for raptr's reference ``Block``: attention with as many heads as the qkv slice has."""
+
+    def attention(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        if self.qkv._width_idx is None or not self.training:
+            return super().attention(x, mask, causal)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, -1, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _swapped(cls: type, mixin: type) -> type:
+    if issubclass(cls, mixin):
+        return cls
+    key = (mixin, cls)
+    if key not in _CLASSES:
+        _CLASSES[key] = type(f"Width{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+    return _CLASSES[key]
+
+
+def _expand(groups: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices of the ``size`` consecutive entries of each group: [g*size, (g+1)*size)."""
+    return (groups[:, None] * size + torch.arange(size)).reshape(-1)
+
+
+class WidthLayer:
+    """One layer's sliceable parts: which linears produce/consume heads and units, and its shape."""
+
+    def __init__(self, layer: nn.Module):
+        from raptr.models.reference import Block
+
+        self.layer = layer
+        name = type(layer).__name__
+        self.original_classes: dict[nn.Module, type] = {}
+        if isinstance(layer, Block):
+            self.kind = "reference"
+            d = layer.qkv.in_features
+            self.n_heads = self.n_kv = layer.n_heads
+            self.head_dim = d // layer.n_heads
+            self.head_out, self.head_in = [layer.qkv], layer.proj
+            self.unit_out, self.unit_in = [layer.fc1], layer.fc2
+            self.gated = False
+        elif name in BERT_LIKE or any(c.__name__ in BERT_LIKE for c in type(layer).__mro__):
+            self.kind = "bert"
+            if getattr(layer, "crossattention", None) is not None:
+                raise RaptrError(f"{name} with cross-attention is not supported by width subnetworks: "
+                                 "use an encoder (add_cross_attention=False)")
+            att = layer.attention.self
+            self.head_dim = att.attention_head_size
+            self.n_heads = self.n_kv = att.query.out_features // self.head_dim
+            self.head_out, self.head_in = [att.query, att.key, att.value], layer.attention.output.dense
+            self.unit_out, self.unit_in = [layer.intermediate.dense], layer.output.dense
+            self.gated = False
+        elif name in LLAMA_LIKE or any(c.__name__ in LLAMA_LIKE for c in type(layer).__mro__):
+            self.kind = "llama"
+            att = layer.self_attn
+            self.head_dim = att.head_dim
+            self.n_heads = att.q_proj.out_features // self.head_dim
+            self.n_kv = att.k_proj.out_features // self.head_dim
+            self.head_out, self.head_in = [att.q_proj, att.k_proj, att.v_proj], att.o_proj
+            self.unit_out, self.unit_in = [layer.mlp.gate_proj, layer.mlp.up_proj], layer.mlp.down_proj
+            self.gated = True
+        else:
+            raise RaptrError(f"width subnetworks don't support {name} layers: supported are {SUPPORTED}")
+        self.d_model = self.head_in.out_features
+        self.d_ff = self.unit_in.in_features
+        self.n_rep = self.n_heads // self.n_kv  # query heads per KV group (1 without GQA)
+        linears = self.head_out + [self.head_in] + self.unit_out + [self.unit_in]
+        for lin in linears:
+            if not isinstance(lin, nn.Linear) or type(lin).forward not in (nn.Linear.forward, WidthLinear.forward):
+                raise RaptrError(f"{name}.{type(lin).__name__} is not a plain nn.Linear (quantized, LoRA?): "
+                                 "width subnetworks slice plain nn.Linear weights only")
+        for lin in self.head_out + self.unit_out:
+            self._swap(lin, WidthLinear)._set(lin, dim=0)
+        for lin in (self.head_in, self.unit_in):
+            self._swap(lin, WidthLinear)._set(lin, dim=1)
+        if self.kind == "reference":
+            self._swap(layer, WidthBlock)
+
+    def _swap(self, module: nn.Module, mixin: type) -> "WidthLayer":
+        self.original_classes.setdefault(module, type(module))
+        module.__class__ = _swapped(type(module), mixin)
+        return self
+
+    @staticmethod
+    def _set(lin: nn.Module, dim: int) -> None:
+        lin._width_dim, lin._width_idx, lin._width_scale = dim, None, 1.0
+
+    @property
+    def shape(self) -> LayerShape:
+        return LayerShape(self.d_model, self.n_heads, self.d_ff, n_kv_heads=self.n_kv, head_dim=self.head_dim,
+                          gated_ffn=self.gated)
+
+    def sub_shape(self, groups: float, units: float) -> LayerShape:
+        """Shape of the subnetwork with ``groups`` KV groups and ``units`` FFN units (may be expected values)."""
+        return LayerShape(self.d_model, groups * self.n_rep, units, n_kv_heads=groups, head_dim=self.head_dim,
+                          gated_ffn=self.gated)
+
+    def linears(self) -> list[nn.Module]:
+        return self.head_out + [self.head_in] + self.unit_out + [self.unit_in]
+
+    def set_heads(self, groups: torch.Tensor | None, scale: float = 1.0) -> None:
+        """Keep KV groups ``groups`` (sorted; = heads without GQA), or all heads if ``None``."""
+        if groups is None:
+            for lin in self.head_out + [self.head_in]:
+                lin._width_idx, lin._width_scale = None, 1.0
+            return
+        hd, device = self.head_dim, self.head_in.weight.device
+        q_rows = _expand(_expand(groups, self.n_rep), hd)  # query heads of the kept groups, then their rows
+        if self.kind == "reference":
+            d = self.d_model
+            out = [torch.cat([q_rows, q_rows + d, q_rows + 2 * d])]
+        else:
+            kv_rows = _expand(groups, hd)
+            out = [q_rows, kv_rows, kv_rows]
+        pieces = torch.cat(out + [q_rows]).to(device).split([len(t) for t in out] + [len(q_rows)])
+        for lin, idx in zip(self.head_out, pieces[:-1]):
+            lin._width_idx = idx
+        self.head_in._width_idx, self.head_in._width_scale = pieces[-1], float(scale)
+
+    def set_units(self, units: torch.Tensor | None, scale: float = 1.0) -> None:
+        """Keep FFN hidden units ``units`` (sorted), or all if ``None``."""
+        idx = None if units is None else units.to(self.unit_in.weight.device)
+        for lin in self.unit_out:
+            lin._width_idx = idx
+        self.unit_in._width_idx, self.unit_in._width_scale = idx, (1.0 if units is None else float(scale))
+
+    def unwrap(self) -> None:
+        for module, cls in self.original_classes.items():
+            for attr in ("_width_idx", "_width_dim", "_width_scale"):
+                module.__dict__.pop(attr, None)
+            module.__class__ = cls
+        self.original_classes = {}
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Controller
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WidthPlan:
+    """One step's subnetwork. Per layer: kept query heads / KV heads / FFN units (sorted
+    LongTensors; ``None`` = all of them, nothing sliced), their counts, and the scales."""
+
+    step: int
+    stage: int
+    fraction: float
+    heads: tuple[torch.Tensor | None, ...]
+    kv_heads: tuple[torch.Tensor | None, ...]
+    units: tuple[torch.Tensor | None, ...]
+    num_heads: tuple[int, ...]
+    num_kv_heads: tuple[int, ...]
+    num_units: tuple[int, ...]
+    head_scales: tuple[float, ...]
+    unit_scales: tuple[float, ...]
+
+
+def _draw(n: int, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """A uniform random subset of range(n) of size f·n (stochastically rounded), sorted."""
+    target = fraction * n
+    k = int(target)
+    if target - k > 1e-9:
+        k += int(torch.rand((), generator=gen).item() < target - k)
+    return torch.randperm(n, generator=gen)[:k].sort().values
+
+
+class WidthRaPTr:
+    """Random heads and FFN units per layer and step, kept fractions growing by stage.
+
+    ``model_or_layers``: a model (its layer stack is found as in ``raptr.find_layer_stack``) or
+    the ``nn.ModuleList`` of layers. ``schedule``: kept fraction per stage (``"0.5-0.75-1"``, a
+    list, or a ``WidthSchedule``). ``fixed``: layers that always run at full width (default none).
+    ``seq_len``: default sequence length for ``relative_flops`` (attention scores depend on it).
+    Call ``step(step)`` once per optimizer step, before its forward passes.
+    """
+
+    def __init__(self, model_or_layers: nn.Module | Sequence[nn.Module], schedule: str | Sequence[float] | WidthSchedule = "0.5-0.75-1",
+                 total_steps: int | None = None, seed: int = 0, scaling: str = "none", heads: bool = True,
+                 ffn: bool = True, *, fixed: str | Sequence[int] | None = "none", stage_lengths: str | Sequence[float] = "equal",
+                 full_warmup: float = 0, require_full_final: bool = True, seq_len: int = 128):
+        if scaling not in SCALINGS:
+            raise RaptrError(f"unknown scaling {scaling!r}: use one of {', '.join(SCALINGS)}")
+        if not (heads or ffn):
+            raise RaptrError("width subnetworks with heads=False and ffn=False sample nothing: enable heads and/or ffn")
+        if isinstance(schedule, WidthSchedule):
+            self.schedule = schedule
+        else:
+            if total_steps is None:
+                raise RaptrError("a width schedule needs total_steps: WidthRaPTr(model, '0.5-0.75-1', total_steps=...)")
+            self.schedule = WidthSchedule.parse(schedule, total_steps, stage_lengths=stage_lengths,
+                                                full_warmup=full_warmup, require_full_final=require_full_final)
+        layers = self._layer_list(model_or_layers)
+        self.fixed = parse_fixed(fixed, len(layers))
+        self.seed, self.scaling, self.heads, self.ffn, self.seq_len = int(seed), scaling, bool(heads), bool(ffn), seq_len
+        self.layers: list[WidthLayer] = []
+        try:
+            for layer in layers:
+                self.layers.append(WidthLayer(layer))
+            self._check_fractions()
+        except RaptrError:
+            self.unwrap()  # a failed wrap leaves the layers as they were
+            raise
+        self.last_plan: WidthPlan | None = None
+
+    @staticmethod
+    def _layer_list(obj: Any) -> list[nn.Module]:
+        if isinstance(obj, (nn.ModuleList, nn.Sequential, list, tuple)):
+            layers = list(obj)
+        elif isinstance(obj, nn.Module):
+            try:
+                from raptr.models.registry import find_layer_stack
+
+                layers = list(find_layer_stack(obj))
+            except RaptrError:
+                layers = [obj]  # a single layer (reported below if unsupported)
+        else:
+            raise RaptrError(f"expected a model or its nn.ModuleList of layers, got {type(obj).__name__}")
+        if not layers:
+            raise RaptrError("no layers to wrap: give a model or a non-empty nn.ModuleList of layers")
+        return layers
+
+    def _check_fractions(self) -> None:
+        for stage in self.schedule.stages:
+            f = stage.fraction
+            if f >= 1.0:
+                continue
+            for i, wl in enumerate(self.layers):
+                if i in self.fixed:
+                    continue
+                if self.heads and f * wl.n_kv < 1:
+                    unit = "KV groups" if wl.n_rep > 1 else "heads"
+                    raise RaptrError(f"kept fraction {f:g} keeps {f * wl.n_kv:g} of layer {i}'s {wl.n_kv} {unit}, less than one: "
+                                     f"use fractions >= {1 / wl.n_kv:g}, or heads=False")
+                if self.ffn and f * wl.d_ff < 1:
+                    raise RaptrError(f"kept fraction {f:g} keeps less than one of layer {i}'s {wl.d_ff} FFN units: use a larger fraction")
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    # ---- sampling -------------------------------------------------------------------------
+
+    def plan(self, step: int) -> WidthPlan:
+        """The subnetwork of ``step`` (pure: depends on seed and step only; touches nothing)."""
+        stage = self.schedule.stage_at(step)
+        f = stage.fraction
+        gen_h = step_generator(self.seed, step, HEADS_STREAM)
+        gen_u = step_generator(self.seed, step, UNITS_STREAM)
+        heads, kv, units, nh, nkv, nu, hs, us = [], [], [], [], [], [], [], []
+        for i, wl in enumerate(self.layers):
+            sampled = f < 1.0 and i not in self.fixed
+            groups = _draw(wl.n_kv, f, gen_h) if (sampled and self.heads) else None
+            u = _draw(wl.d_ff, f, gen_u) if (sampled and self.ffn) else None
+            kv.append(groups)
+            heads.append(None if groups is None else _expand(groups, wl.n_rep))
+            units.append(u)
+            nkv.append(wl.n_kv if groups is None else len(groups))
+            nh.append(nkv[-1] * wl.n_rep)
+            nu.append(wl.d_ff if u is None else len(u))
+            hs.append(branch_scale(nkv[-1] / wl.n_kv, self.scaling))
+            us.append(branch_scale(nu[-1] / wl.d_ff, self.scaling))
+        return WidthPlan(step, stage.index, f, tuple(heads), tuple(kv), tuple(units), tuple(nh), tuple(nkv), tuple(nu),
+                         tuple(hs), tuple(us))
+
+    def apply(self, plan: WidthPlan) -> None:
+        """Make the layers compute ``plan``'s subnetwork (train mode) until the next call."""
+        if len(plan.kv_heads) != len(self.layers):
+            raise RaptrError(f"plan has {len(plan.kv_heads)} layers, the model {len(self.layers)}")
+        for wl, groups, units, hs, us in zip(self.layers, plan.kv_heads, plan.units, plan.head_scales, plan.unit_scales):
+            wl.set_heads(groups, hs)
+            wl.set_units(units, us)
+        self.last_plan = plan
+
+    def step(self, step: int) -> WidthPlan:
+        plan = self.plan(step)
+        self.apply(plan)
+        return plan
+
+    def full(self) -> None:
+        """Full width, unscaled, also in train mode."""
+        for wl in self.layers:
+            wl.set_heads(None)
+            wl.set_units(None)
+        self.last_plan = None
+
+    def unwrap(self) -> None:
+        """Give the layers and linears their own classes back (undo depth wrapping after this)."""
+        for wl in self.layers:
+            wl.unwrap()
+
+    # ---- FLOPs ----------------------------------------------------------------------------
+
+    def full_layer_flops(self, seq_len: int | None = None) -> int:
+        """Forward FLOPs of all layers at full width for one sequence (LayerShape convention)."""
+        T = seq_len or self.seq_len
+        return sum(wl.shape.forward_flops(T) for wl in self.layers)
+
+    def layer_flops(self, plan: WidthPlan | int, seq_len: int | None = None) -> float:
+        """Forward FLOPs of all layers of a step's subnetwork for one sequence."""
+        plan = self.plan(plan) if isinstance(plan, int) else plan
+        T = seq_len or self.seq_len
+        return sum(wl.sub_shape(g, u).forward_flops(T) for wl, g, u in zip(self.layers, plan.num_kv_heads, plan.num_units))
+
+    def relative_flops(self, step: int | WidthPlan | None = None, seq_len: int | None = None) -> float:
+        """Layer FLOPs relative to the full model: of one step's subnetwork (``step`` given), or
+        expected over the whole schedule (``step=None``). Training = 3× forward for both, so the
+        ratio holds for training steps too. Embeddings and the LM head are not counted."""
+        T = seq_len or self.seq_len
+        full = self.full_layer_flops(T)
+        if step is not None:
+            return self.layer_flops(step, T) / full
+        total = 0.0
+        for stage in self.schedule.stages:
+            total += stage.steps * self.expected_layer_flops(stage.fraction, T)
+        return total / (self.schedule.total_steps * full)
+
+    def expected_layer_flops(self, fraction: float, seq_len: int | None = None) -> float:
+        """Expected forward FLOPs of all layers at kept ``fraction`` (exact: FLOPs are linear in
+        the kept counts and the stochastic rounding keeps f·n in expectation)."""
+        T = seq_len or self.seq_len
+        out = 0.0
+        for i, wl in enumerate(self.layers):
+            sampled = fraction < 1.0 and i not in self.fixed
+            g = fraction * wl.n_kv if (sampled and self.heads) else wl.n_kv
+            u = fraction * wl.d_ff if (sampled and self.ffn) else wl.d_ff
+            out += wl.sub_shape(g, u).forward_flops(T)
+        return out
+
+    # ---- optimizer -------------------------------------------------------------------------
+
+    def _idle(self) -> Iterator[tuple[nn.Parameter, int, torch.Tensor]]:
+        """(parameter, dim, idle indices) of every slice this step does not train."""
+        for wl in self.layers:
+            for lin in wl.linears():
+                idx = lin._width_idx
+                if idx is None or not lin.training:
+                    continue
+                for param, dim in lin.width_params():
+                    keep = torch.ones(param.shape[dim], dtype=torch.bool, device=idx.device)
+                    keep[idx] = False
+                    yield param, dim, keep.nonzero().squeeze(1)
+
+    @contextmanager
+    def freeze_idle(self, optimizer: torch.optim.Optimizer):
+        """Around ``optimizer.step()``: idle heads/units keep their weights and optimizer moments.
+
+        Opt-in. Without it AdamW sees zero gradients on idle slices: their moments decay and they
+        move by their old momentum and weight decay. With it they are restored after the step
+        (weights, and every state tensor of the parameter's shape, e.g. exp_avg, exp_avg_sq), as
+        depth skipping leaves a skipped layer; only the per-tensor step count (bias correction)
+        still advances. Costs a copy of the idle slices (~(1-f) of the layer weights, 3×).
+        """
+        saved = []
+        with torch.no_grad():
+            for param, dim, idle in self._idle():
+                state = optimizer.state.get(param, {})
+                moments = {k: v.index_select(dim, idle) for k, v in state.items()
+                           if torch.is_tensor(v) and v.shape == param.shape}
+                saved.append((param, dim, idle, param.index_select(dim, idle), moments))
+        yield
+        with torch.no_grad():
+            for param, dim, idle, value, moments in saved:
+                param.index_copy_(dim, idle, value)
+                for k, v in optimizer.state.get(param, {}).items():
+                    if torch.is_tensor(v) and v.shape == param.shape:
+                        old = moments.get(k)
+                        v.index_copy_(dim, idle, old if old is not None else torch.zeros_like(value))
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "scaling": self.scaling, "heads": self.heads, "ffn": self.ffn,
+                "fixed": list(self.fixed), "num_layers": len(self.layers),
+                "stages": [(s.start, s.end, s.fraction) for s in self.schedule.stages]}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = [(s.start, s.end, s.fraction) for s in self.schedule.stages]
+        if state["num_layers"] != len(self.layers) or [tuple(x) for x in state["stages"]] != mine:
+            raise RaptrError("checkpoint was written with a different width schedule or model: resume with the same "
+                             "schedule, total steps and number of layers")
+        if (bool(state["heads"]), bool(state["ffn"]), tuple(state["fixed"])) != (self.heads, self.ffn, self.fixed):
+            raise RaptrError(f"checkpoint samples heads={state['heads']}, ffn={state['ffn']}, fixed={state['fixed']}; this run "
+                             f"heads={self.heads}, ffn={self.ffn}, fixed={list(self.fixed)}: resume with the same options")
+        self.seed, self.scaling = int(state["seed"]), state["scaling"]
+
+    def __repr__(self) -> str:
+        return (f"WidthRaPTr({len(self.layers)} layers, {self.schedule!r}, heads={self.heads}, ffn={self.ffn}, "
+                f"scaling={self.scaling}, fixed={list(self.fixed)})")

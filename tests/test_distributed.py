@@ -1,0 +1,111 @@
+"""Real 2-process torchrun runs on CPU (gloo): same paths, same weights, same loss as one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raptr.training.checkpoint import checkpoint_dirs, load_weights
+
+pytestmark = pytest.mark.dist
+
+TINY = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_layers=6", "data.vocab_size=1024",
+        "data.seq_len=32", "train.batch_size=8", "train.eval_batches=2", "optim.warmup_steps=2", "train.threads=1",
+        "method.raptr.schedule=3-4-6", "data.sources=austen", "train.path_check_every=1"]
+
+
+def run(args, nproc=1, env=None):
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+                "-m", "raptr"] if nproc > 1 else [sys.executable, "-m", "raptr"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(launcher + args, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def final_weights(run_dir: Path) -> dict:
+    weights = load_weights(checkpoint_dirs(run_dir / "checkpoints")[-1])
+    if "head.weight" in weights:  # tied to tok.weight: safetensors stores one of the two names
+        weights["tok.weight"] = weights.pop("head.weight")
+    return weights
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(tmp_path, data_cache, parallel):
+    common = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "train.steps=12",
+              "train.eval_every=6", "train.checkpoint_every=6", f"train.parallel={parallel}"]
+    run(common + [f"train.out_dir={tmp_path}/one"])
+    run(common + [f"train.out_dir={tmp_path}/two"], nproc=2)  # path and replica checks every step
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 12
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
+    w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s1["flops"] == s2["flops"] and s1["relative_flops"] < 1
+
+
+def test_resume_under_torchrun(tmp_path, data_cache):
+    common = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "train.steps=10",
+              "train.eval_every=5", "train.checkpoint_every=4"]
+    run(common + [f"train.out_dir={tmp_path}/straight"], nproc=2)
+    run(common + [f"train.out_dir={tmp_path}/resumed", "--stop-after", "4"], nproc=2)
+    assert len(losses(tmp_path / "resumed")) == 4
+    run(common + [f"train.out_dir={tmp_path}/resumed"], nproc=2)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+DDP_GRADS = """
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+import raptr
+from raptr.models import TransformerConfig, TransformerLM
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = TransformerLM(TransformerConfig(vocab_size=64, d_model=16, n_layers=6, n_heads=2, d_ff=32, max_seq_len=8))
+rp = raptr.wrap(model, schedule="3-6", total_steps=100, seed=7)
+ddp = DDP(model, find_unused_parameters=True)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+for step in range(6):
+    plan = rp.step(step)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(100 * step + rank))
+    ddp(ids, ids).backward()
+    grads_none = [all(p.grad is None for p in layer.parameters()) for layer in model.blocks]
+    print(rank, step, "".join("1" if r else "0" for r in plan.active), "".join("1" if g else "0" for g in grads_none), flush=True)
+    opt.step(); opt.zero_grad(set_to_none=True)
+print(rank, "checksum", sum(float(p.double().sum()) for p in model.parameters()), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_keeps_skipped_grads_none_on_every_rank(tmp_path):
+    script = tmp_path / "ddp_grads.py"
+    script.write_text(DDP_GRADS)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          str(script)], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line.split() for line in out.stdout.splitlines() if line[:1] in "01"]
+    steps = {}
+    for rank, step, *rest in lines:
+        if step == "checksum":
+            steps.setdefault("checksum", set()).add(rest[0])
+            continue
+        active, grads_none = rest
+        steps.setdefault(step, set()).add(active)
+        assert all((a == "1") != (g == "1") for a, g in zip(active, grads_none)), (rank, step, active, grads_none)
+    assert all(len(v) == 1 for v in steps.values())  # same path and same final weights on both ranks
+    assert any("0" in next(iter(v)) for k, v in steps.items() if k != "checksum")  # some layers were skipped
