@@ -5,7 +5,8 @@ For a 12-layer reference model, prints the training-step time at width fractions
 of the *unwrapped* full model, next to the analytic FLOPs ratios (layers only, and the whole
 model with embeddings and the MLM head on 15% of positions). "wrapped, f=1" is the wrapper's
 overhead at full width (nothing is sliced there, so it should be ~1.00). All variants are timed
-interleaved in one run, so machine noise hits them alike; the table shows medians.
+interleaved in one run (the order rotates every round), so machine noise hits them alike; the
+table shows medians, and minima (the least disturbed step) on a shared machine.
 
     python benchmarks/width_speed.py [--reps 10] [--warmup 2] [--device cuda] [--freeze-idle] [--json out.json]
 """
@@ -78,7 +79,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in names}
     plans = {}
     for rep in range(n):
-        for name in names:
+        for name in names[rep % len(names):] + names[: rep % len(names)]:  # rotate the order: no position bias
             sync()
             t0 = time.perf_counter()
             if name == "unwrapped, full":
@@ -98,7 +99,8 @@ def main() -> None:
     print(f"\n{args.layers}-layer width benchmark: d_model={args.d_model}, {args.heads} heads, d_ff={args.d_ff}, "
           f"batch {args.batch} x seq {args.seq}, vocab {args.vocab}, device {device}, {torch.get_num_threads()} threads, "
           f"median of {args.reps}{', freeze_idle' if args.freeze_idle else ''}; unwrapped full step {full * 1e3:.0f} ms")
-    header = f"{'variant':>16} | {'step time / full':>16} | {'FLOPs / full (layers)':>21} | {'FLOPs / full (model)':>20}"
+    header = (f"{'variant':>16} | {'step time / full':>16} | {'min / min':>9} | {'FLOPs / full (layers)':>21} | "
+              f"{'FLOPs / full (model)':>20}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -110,9 +112,10 @@ def main() -> None:
             layer_ratio = wr.relative_flops(plan)
             model_ratio = (args.batch * wr.layer_flops(plan) + head) / (full_layers + head)
         ratio = med[name] / full
-        rows.append({"variant": name, "time_ratio": ratio, "layer_flops_ratio": layer_ratio,
+        min_ratio = min(times[name]) / min(times["unwrapped, full"])
+        rows.append({"variant": name, "time_ratio": ratio, "min_time_ratio": min_ratio, "layer_flops_ratio": layer_ratio,
                      "model_flops_ratio": model_ratio, "median_s": med[name], "times_s": times[name]})
-        print(f"{name:>16} | {ratio:16.3f} | {layer_ratio:21.3f} | {model_ratio:20.3f}")
+        print(f"{name:>16} | {ratio:16.3f} | {min_ratio:9.3f} | {layer_ratio:21.3f} | {model_ratio:20.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "args": vars(args)}, f, indent=2)

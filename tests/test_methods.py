@@ -22,6 +22,15 @@ from raptr.training.trainer import make_optimizer
 VOCAB, SEQ = 64, 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest and fair to a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_lm(n_layers=6, seed=0):
     torch.manual_seed(seed)
     return TransformerLM(TransformerConfig(vocab_size=VOCAB, d_model=16, n_layers=n_layers, n_heads=2, d_ff=32,
@@ -171,6 +180,20 @@ def test_stacking_middle_inserts_copies_right_after_the_middle_block():
     assert math.isfinite(loss)
     for p in layers[2].parameters():  # reset: the first update is AdamW's step 1
         assert float(ctx.optimizer.state[p]["step"]) == 1
+
+
+def test_stacking_with_an_optimizer_built_before_attach():
+    model = tiny_lm(4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # one group, made before attach
+    method = GradualStacking(StackingOptions(schedule="2-4"))
+    ctx = TrainingContext(model, model.layer_stack(), 4, optimizer=optimizer)
+    method.attach(ctx)  # the dropped layers leave the optimizer too
+    assert param_ids(optimizer.param_groups[0]["params"]) == param_ids(model.parameters())
+    for step in range(4):
+        train_step(ctx, method, step)
+    assert len(model.layer_stack()) == 4
+    assert param_ids(optimizer.param_groups[0]["params"]) == param_ids(model.parameters())
+    assert set(map(id, optimizer.state)) == set(param_ids(model.parameters()))
 
 
 def test_stacking_lr_rewarmup_after_each_growth():

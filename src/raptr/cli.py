@@ -148,6 +148,24 @@ def _propose(args: argparse.Namespace, model, common: dict) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ compare / report
+def cmd_compare(args: argparse.Namespace) -> int:
+    from raptr.experiments.compare import load_compare_config, run_compare
+    from raptr.experiments.report import make_report
+
+    cfg = load_compare_config(args.config, args.overrides)
+    root = run_compare(cfg, args.results, progress=not args.quiet)
+    console.print(f"report: {make_report(root)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from raptr.experiments.report import make_report
+
+    console.print(f"report: {make_report(args.results_dir)}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raptr", description="Progressive subnetwork pretraining (RaPTr).")
@@ -162,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="run several methods on the same data and budget, then write a report")
+    p.add_argument("--config", "-c", required=True, help="comparison YAML or preset (e.g. compare/bert-tiny)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm, e.g. train.steps=100")
+    p.add_argument("--results", default="results", help="results root; the comparison goes to RESULTS/<name>/")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="regenerate a comparison's report.md and plots from its logs")
+    p.add_argument("results_dir", help="e.g. results/bert-tiny")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("data", help="build a text corpus (default: ~100 MB of English from Debian packages)")
     p.add_argument("--sources", "--source", action="append", help="names (default, lit, tech, austen, ...) or local paths; repeat or comma-separate")

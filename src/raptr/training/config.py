@@ -286,6 +286,13 @@ def validate(cfg: RunConfig) -> None:
         from raptr.methods.raptr import build_schedule
 
         build_schedule(cfg.method.raptr, m.n_layers, cfg.train.steps)
+    if cfg.method.name == "stacking":
+        from raptr.methods.stacking import parse_depths
+
+        depths = parse_depths(cfg.method.stacking.schedule)
+        if depths[-1] != m.n_layers:
+            raise RaptrError(f"method.stacking.schedule {cfg.method.stacking.schedule} ends at {depths[-1]} layers but "
+                             f"model.n_layers={m.n_layers}: end the schedule at the model's depth")
     if not 0 < cfg.method.pld.theta <= 1 or cfg.method.pld.gamma < 0:
         raise RaptrError("method.pld.theta must be in (0, 1] and method.pld.gamma >= 0")
     if not 0 < cfg.method.layerdrop.keep_prob <= 1:

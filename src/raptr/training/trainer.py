@@ -102,7 +102,7 @@ class Trainer:
     def _wrap(self) -> nn.Module:
         self._n_params = len(list(self.model.parameters()))
         return D.wrap_model(self.model, self.context.layers, self.dist, self.cfg.train.parallel,
-                            may_skip=self.method.name != "standard")
+                            may_skip=self.method.name not in ("standard", "stacking"))
 
     @property
     def is_main(self) -> bool:
@@ -310,8 +310,9 @@ class Trainer:
             self.counters["tokens"] += sequences * self.flops_model.seq_len
             self.counters["layer_passes"] += info.layers_run
             self.counters["train_seconds"] += time.perf_counter() - started
+            extra = {k: v for k, v in info.extra.items() if isinstance(v, (int, float))}  # e.g. PLD's theta
             self._log({"kind": "train", "step": self.step, "loss": loss_value, "lr": lr, "stage": info.stage,
-                       "layers_run": info.layers_run, "grad_norm": grad_norm, **self.counters})
+                       "layers_run": info.layers_run, "grad_norm": grad_norm, **extra, **self.counters})
             saved = 1 - self.counters["flops"] / self.counters["full_flops"]
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", stage=info.stage, path=f"{info.layers_run}/{len(self.context.layers)}",
