@@ -68,7 +68,7 @@ def make_report(root: str | Path) -> Path:
     for r in runs:
         s, b = r["summary"], base["summary"]
         at_budget = loss_at_flops(r["eval"], budget)
-        lines.append(f"| {r['name']} ({s['method']}) | {s['steps']} | {s['flops'] / b['flops']:.3f} | {s['train_seconds']:.0f} "
+        lines.append(f"| {r['name']} ({s['method']}) | {s['steps']} | {s['flops'] / b['flops']:.3f} | {s['train_seconds']:.1f} "
                      f"| {s['train_seconds'] / b['train_seconds']:.3f} | {s['final_val_loss']:.4f} "
                      f"| {'-' if at_budget is None else f'{at_budget:.4f}'} |")
     lines += ["", f"*rel. FLOPs*: training FLOPs (exact, from the layers actually run) over those of the baseline run "
