@@ -326,7 +326,7 @@ class WidthLayer:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compare fields, not plans
 class WidthPlan:
     """One step's subnetwork. Per layer: kept query heads / KV heads / FFN units (sorted
     LongTensors; ``None`` = all of them, nothing sliced), their counts, and the scales."""
