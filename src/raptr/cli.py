@@ -166,6 +166,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    import importlib
+
+    if args.name == "schedules":  # schedule robustness is a comparison of RaPTr variants
+        from raptr.experiments.compare import load_compare_config, run_compare
+        from raptr.experiments.report import make_report
+
+        cfg = load_compare_config("compare/schedules", args.overrides)
+        console.print(f"report: {make_report(run_compare(cfg, args.out or 'results'))}")
+        return 0
+    module = importlib.import_module(f"raptr.experiments.{EXPERIMENTS[args.name]}")
+    if args.preset not in module.PRESETS:
+        raise RaptrError(f"experiment {args.name} has no preset '{args.preset}': use one of {', '.join(module.PRESETS)}")
+    out = args.out or f"results/{args.name}"
+    console.print(f"report: {module.run(out, preset=args.preset)}")
+    return 0
+
+
+EXPERIMENTS = {"polynomial": "polynomial", "stability": "stability", "schedules": "compare"}
+
+
 # ------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raptr", description="Progressive subnetwork pretraining (RaPTr).")
@@ -191,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="regenerate a comparison's report.md and plots from its logs")
     p.add_argument("results_dir", help="e.g. results/bert-tiny")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("experiment", help="paper experiments: polynomial, stability, schedules")
+    p.add_argument("name", choices=sorted(EXPERIMENTS))
+    p.add_argument("overrides", nargs="*", help="(schedules) key=value overrides for every arm")
+    p.add_argument("--preset", default="cpu", help="size preset (cpu, tiny)")
+    p.add_argument("--out", default=None, help="output directory (default results/NAME)")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("data", help="build a text corpus (default: ~100 MB of English from Debian packages)")
     p.add_argument("--sources", "--source", action="append", help="names (default, lit, tech, austen, ...) or local paths; repeat or comma-separate")
