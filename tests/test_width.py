@@ -470,11 +470,11 @@ def test_schedule_errors_are_one_clear_line(spec, kwargs, message):
 
 def test_schedule_stages():
     s = WidthSchedule.parse("0.5-0.75-1", 300)
-    assert [st.fraction for st in s.stages] == [0.5, 0.75, 1.0] and s.boundaries == [100, 200]
+    assert [st.keep_prob for st in s.stages] == [0.5, 0.75, 1.0] and s.boundaries == [100, 200]
     assert s.fraction(99) == 0.5 and s.fraction(250) == 1.0 and s.fraction(10_000) == 1.0
     warm = WidthSchedule.parse("0.5-1", 100, full_warmup=0.2)
-    assert [(st.steps, st.fraction) for st in warm.stages] == [(20, 1.0), (40, 0.5), (40, 1.0)]
-    assert WidthSchedule.parse("0.5-0.75", 10, require_full_final=False).stages[-1].fraction == 0.75
+    assert [(st.steps, st.keep_prob) for st in warm.stages] == [(20, 1.0), (40, 0.5), (40, 1.0)]
+    assert WidthSchedule.parse("0.5-0.75", 10, require_full_final=False).stages[-1].keep_prob == 0.75
 
 
 def test_unsupported_layers_and_options_are_one_clear_line():

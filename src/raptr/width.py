@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raptr.core import SCALINGS, branch_scale, parse_fixed, parse_stage_lengths, step_generator
+from raptr.core import SCALINGS, Schedule, branch_scale, parse_fixed, step_generator
 from raptr.errors import RaptrError
 from raptr.flops import LayerShape
 
@@ -72,49 +72,14 @@ SUPPORTED = "raptr's reference Block, " + "/".join(BERT_LIKE) + " and " + "/".jo
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class WidthStage:
-    index: int
-    start: int
-    end: int  # one past the last step
-    fraction: float  # kept fraction of heads (KV groups) and FFN units
-
-    @property
-    def steps(self) -> int:
-        return self.end - self.start
-
-
-class WidthSchedule:
-    """Stages of kept width fractions, e.g. ``"0.5-0.75-1"``: a pure function of the step."""
+class WidthSchedule(Schedule):
+    """Stages of kept width fractions, e.g. ``"0.5-0.75-1"``: RaPTr's depth schedule with the kept
+    fraction of heads (KV groups) and FFN units in place of the keep probability (``stage.keep_prob``)."""
 
     def __init__(self, fractions: Sequence[float], total_steps: int, stage_lengths: str | Sequence[float] = "equal",
                  full_warmup: float = 0, require_full_final: bool = True):
-        if total_steps < 1:
-            raise RaptrError(f"total_steps must be >= 1, got {total_steps}")
-        fracs = [float(f) for f in fractions]
-        if not fracs:
-            raise RaptrError("empty width schedule: give at least one kept fraction, e.g. '0.5-0.75-1'")
-        text = "-".join(f"{f:g}" for f in fracs)
-        for f in fracs:
-            if not 0.0 < f <= 1.0:
-                raise RaptrError(f"kept width fraction {f:g} in {text!r} is outside (0, 1]: give fractions like '0.5-0.75-1'")
-        if any(b < a for a, b in zip(fracs, fracs[1:])):
-            raise RaptrError(f"width schedule {text!r} decreases: kept fractions must grow (or stay) stage by stage")
-        if require_full_final and fracs[-1] < 1.0:
-            raise RaptrError(f"width schedule {text!r} ends at {fracs[-1]:g}, not the full model: end it at 1, "
-                             "or pass require_full_final=False if that is intended")
-        warm = int(round(full_warmup * total_steps)) if 0 < full_warmup < 1 else int(full_warmup)
-        if warm < 0 or warm >= total_steps:
-            raise RaptrError(f"full_warmup={full_warmup} must be >= 0 and shorter than total_steps={total_steps}")
-        lengths = parse_stage_lengths(stage_lengths, len(fracs), total_steps - warm)
-        if warm:
-            fracs, lengths = [1.0] + fracs, [warm] + lengths
-        stages, start = [], 0
-        for i, (f, n) in enumerate(zip(fracs, lengths)):
-            stages.append(WidthStage(i, start, start + n, f))
-            start += n
-        self.stages: tuple[WidthStage, ...] = tuple(stages)
-        self.total_steps = total_steps
+        super().__init__(1, total_steps, fractions, stage_lengths, fixed=None, full_warmup=full_warmup,
+                         require_full_final=require_full_final)
 
     @classmethod
     def parse(cls, spec: str | Sequence[float], total_steps: int, **kwargs: Any) -> "WidthSchedule":
@@ -125,23 +90,12 @@ class WidthSchedule:
             values = [float(x) for x in body.replace(",", "-").split("-") if x != ""]
         except ValueError:
             raise RaptrError(f"cannot read width schedule {spec!r}: write kept fractions per stage like '0.5-0.75-1'") from None
+        if not values:
+            raise RaptrError("empty width schedule: give at least one kept fraction, e.g. '0.5-0.75-1'")
         return cls(values, total_steps, **kwargs)
 
-    def stage_at(self, step: int) -> WidthStage:
-        for stage in self.stages:
-            if step < stage.end:
-                return stage
-        return self.stages[-1]  # past total_steps: keep the last stage
-
     def fraction(self, step: int) -> float:
-        return self.stage_at(step).fraction
-
-    @property
-    def boundaries(self) -> list[int]:
-        return [s.start for s in self.stages[1:]]
-
-    def __repr__(self) -> str:
-        return "WidthSchedule(" + ", ".join(f"[{s.start},{s.end}) f={s.fraction:g}" for s in self.stages) + ")"
+        return self.keep_prob(step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,7 +364,7 @@ class WidthRaPTr:
 
     def _check_fractions(self) -> None:
         for stage in self.schedule.stages:
-            f = stage.fraction
+            f = stage.keep_prob
             if f >= 1.0:
                 continue
             for i, wl in enumerate(self.layers):
@@ -431,7 +385,7 @@ class WidthRaPTr:
     def plan(self, step: int) -> WidthPlan:
         """The subnetwork of ``step`` (pure: depends on seed and step only; touches nothing)."""
         stage = self.schedule.stage_at(step)
-        f = stage.fraction
+        f = stage.keep_prob
         gen_h = step_generator(self.seed, step, HEADS_STREAM)
         gen_u = step_generator(self.seed, step, UNITS_STREAM)
         heads, kv, units, nh, nkv, nu, hs, us = [], [], [], [], [], [], [], []
@@ -499,7 +453,7 @@ class WidthRaPTr:
             return self.layer_flops(step, T) / full
         total = 0.0
         for stage in self.schedule.stages:
-            total += stage.steps * self.expected_layer_flops(stage.fraction, T)
+            total += stage.steps * self.expected_layer_flops(stage.keep_prob, T)
         return total / (self.schedule.total_steps * full)
 
     def expected_layer_flops(self, fraction: float, seq_len: int | None = None) -> float:
@@ -559,10 +513,10 @@ class WidthRaPTr:
     def state_dict(self) -> dict:
         return {"seed": self.seed, "scaling": self.scaling, "heads": self.heads, "ffn": self.ffn,
                 "fixed": list(self.fixed), "num_layers": len(self.layers),
-                "stages": [(s.start, s.end, s.fraction) for s in self.schedule.stages]}
+                "stages": [(s.start, s.end, s.keep_prob) for s in self.schedule.stages]}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = [(s.start, s.end, s.fraction) for s in self.schedule.stages]
+        mine = [(s.start, s.end, s.keep_prob) for s in self.schedule.stages]
         if state["num_layers"] != len(self.layers) or [tuple(x) for x in state["stages"]] != mine:
             raise RaptrError("checkpoint was written with a different width schedule or model: resume with the same "
                              "schedule, total steps and number of layers")

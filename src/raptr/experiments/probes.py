@@ -159,6 +159,7 @@ class ProbeData:
     test_labels: list[int]
     classes: list[str]
     note: str = ""
+    test_groups: list[str] | None = None
 
 
 def _balance(items: list, label_of: Callable, rng: random.Random) -> list:
@@ -190,7 +191,7 @@ def _cap(items: list, n: int, rng: random.Random, label_of: Callable | None = No
 def _to_probe(train: list, test: list, text: Callable, label: Callable, group: Callable, classes: list[str], note: str = "") -> ProbeData:
     idx = {c: i for i, c in enumerate(classes)}
     return ProbeData([text(x) for x in train], [idx[label(x)] for x in train], [group(x) for x in train],
-                     [text(x) for x in test], [idx[label(x)] for x in test], classes, note)
+                     [text(x) for x in test], [idx[label(x)] for x in test], classes, note, [group(x) for x in test])
 
 
 def sentiment_task(rows: Sequence[Snippet], seed: int = 0, max_examples: int = DEFAULT_MAX_EXAMPLES) -> ProbeData:
