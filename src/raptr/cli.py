@@ -154,7 +154,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from raptr.experiments.report import make_report
 
     cfg = load_compare_config(args.config, args.overrides)
-    root = run_compare(cfg, args.results, progress=not args.quiet)
+    root = run_compare(cfg, args.results, progress=not args.quiet, workers=args.workers)
     console.print(f"report: {make_report(root)}")
     return 0
 
@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", required=True, help="comparison YAML or preset (e.g. compare/bert-tiny)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm, e.g. train.steps=100")
     p.add_argument("--results", default="results", help="results root; the comparison goes to RESULTS/<name>/")
+    p.add_argument("--workers", type=int, default=1, help="arms trained at once, one process each (use with train.threads=1)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_compare)
 

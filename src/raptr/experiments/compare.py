@@ -10,6 +10,8 @@ resumes on its own, so an interrupted comparison continues where it stopped. An 
 from __future__ import annotations
 
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,30 +76,50 @@ def _order(cfg: CompareConfig) -> list[Arm]:
     return first + [a for a in cfg.arms if a.match_flops_of]
 
 
-def run_compare(cfg: CompareConfig, results_dir: str | Path = "results", progress: bool = True) -> Path:
+def _fit_arm(base: str, overrides: list[str], progress: bool) -> dict:
+    """One arm, start to finish (or resumed); runs in a worker process with --workers > 1."""
+    return build_trainer(load_config(base, overrides), progress=progress).fit()
+
+
+def run_compare(cfg: CompareConfig, results_dir: str | Path = "results", progress: bool = True, workers: int = 1) -> Path:
+    """Run every arm (``workers`` at a time, each in its own process) and return the results dir."""
     root = Path(results_dir) / cfg.name
     root.mkdir(parents=True, exist_ok=True)
     (root / "compare.json").write_text(json.dumps({"name": cfg.name, "base": cfg.base, "overrides": cfg.overrides,
                                                    "baseline": cfg.baseline,
                                                    "arms": [a.__dict__ for a in cfg.arms]}, indent=2))
-    # Validate every arm's config before spending any compute.
+    # Validate every arm's config before spending any compute, and build the shared data once.
     planned = []
     for arm in _order(cfg):
         for seed in arm.seeds or cfg.seeds[:1]:
             planned.append((arm, seed, load_config(cfg.base, arm_overrides(cfg, arm, seed, root))))
-    data = prepare_data(planned[0][2], progress)
+    prepare_data(planned[0][2], progress)
     summaries: dict[str, dict] = {}
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    pending = {}
     for i, (arm, seed, run_cfg) in enumerate(planned):
         label = run_label(arm, seed)
+        overrides = arm_overrides(cfg, arm, seed, root)
         if arm.match_flops_of:
+            for future, name in list(pending.items()):  # needs the matched arm's measured FLOPs
+                if name == arm.match_flops_of:
+                    summaries[name] = future.result()
+                    del pending[future]
             target = summaries[arm.match_flops_of]
-            steps = max(1, round(target["total_steps"] * target["relative_flops"]))
-            run_cfg = load_config(cfg.base, arm_overrides(cfg, arm, seed, root) + [f"train.steps={steps}"])
+            overrides = overrides + [f"train.steps={max(1, round(target['total_steps'] * target['relative_flops']))}"]
+            run_cfg = load_config(cfg.base, overrides)
         done = run_cfg.out_dir / "summary.json"
         if done.is_file() and json.loads(done.read_text()).get("steps") == run_cfg.train.steps:
             summaries[label] = json.loads(done.read_text())
             console.print(f"[{i + 1}/{len(planned)}] {label}: done already, skipping")
             continue
         console.print(f"[{i + 1}/{len(planned)}] {label}: {run_cfg.method.name}, {run_cfg.train.steps} steps, seed {seed}")
-        summaries[label] = build_trainer(run_cfg, progress=progress, data=data).fit()
+        if pool is None:
+            summaries[label] = _fit_arm(cfg.base, overrides, progress)
+        else:
+            pending[pool.submit(_fit_arm, cfg.base, overrides, False)] = label
+    for future, name in pending.items():
+        summaries[name] = future.result()
+    if pool is not None:
+        pool.shutdown()
     return root

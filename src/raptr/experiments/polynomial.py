@@ -55,11 +55,11 @@ class PolynomialConfig:
     max_degree: int = 4  # degrees 1..max_degree
     terms_per_degree: int = 2  # monomials per degree
     coefficients: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6, 0.4])  # one per degree
-    structure: str = "staircase"  # staircase: chains x_a, x_a x_b, x_a x_b x_c, ... | random: independent subsets
+    structure: str = "random"  # random: independent random subsets per degree | staircase: chains x_a, x_a x_b, x_a x_b x_c, ...
     target_seed: int = 0
     # network
     width: int = 128
-    hidden: int = 256
+    hidden: int = 128
     n_layers: int = 12
     # training
     steps: int = 1200

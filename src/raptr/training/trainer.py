@@ -267,6 +267,9 @@ class Trainer:
         if self.is_main:
             self._check_config(fresh)
         D.barrier(self.dist)
+        if not resume and not fresh and checkpoint_dirs(self.ckpt_dir):
+            raise RaptrError(f"{self.out_dir} has checkpoints and --no-resume would overwrite them: drop --no-resume to "
+                             "continue that run, pass --fresh to discard it, or pick another train.out_dir")
         resumed = resume and self._resume()
         if self.is_main:
             self._truncate_log() if resumed else (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
