@@ -176,6 +176,17 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         cfg = load_compare_config("compare/schedules", args.overrides)
         console.print(f"report: {make_report(run_compare(cfg, args.out or 'results'))}")
         return 0
+    if args.name == "probes":  # downstream probes of the checkpoints of finished runs
+        from pathlib import Path
+
+        from raptr.experiments.probes import evaluate_runs, write_probe_report
+
+        runs = sorted(p for p in Path(args.runs).iterdir() if (p / "config.json").is_file()) if Path(args.runs).is_dir() else []
+        if not runs:
+            raise RaptrError(f"no finished runs under '{args.runs}': pass --runs results/<comparison>/runs")
+        report = write_probe_report(evaluate_runs(runs, untrained=False), args.out or "results/probes")
+        console.print(f"report: {report}")
+        return 0
     module = importlib.import_module(f"raptr.experiments.{EXPERIMENTS[args.name]}")
     if args.preset not in module.PRESETS:
         raise RaptrError(f"experiment {args.name} has no preset '{args.preset}': use one of {', '.join(module.PRESETS)}")
@@ -184,7 +195,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPERIMENTS = {"polynomial": "polynomial", "stability": "stability", "schedules": "compare"}
+EXPERIMENTS = {"polynomial": "polynomial", "stability": "stability", "schedules": "compare", "probes": "probes"}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -214,11 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results_dir", help="e.g. results/bert-tiny")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("experiment", help="paper experiments: polynomial, stability, schedules")
+    p = sub.add_parser("experiment", help="paper experiments: polynomial, stability, schedules, probes")
     p.add_argument("name", choices=sorted(EXPERIMENTS))
     p.add_argument("overrides", nargs="*", help="(schedules) key=value overrides for every arm")
     p.add_argument("--preset", default="cpu", help="size preset (cpu, tiny)")
     p.add_argument("--out", default=None, help="output directory (default results/NAME)")
+    p.add_argument("--runs", default="results/bert-tiny/runs", help="(probes) directory of finished runs to probe")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("data", help="build a text corpus (default: ~100 MB of English from Debian packages)")
