@@ -174,7 +174,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         from raptr.experiments.report import make_report
 
         cfg = load_compare_config("compare/schedules", args.overrides)
-        console.print(f"report: {make_report(run_compare(cfg, args.out or 'results'))}")
+        console.print(f"report: {make_report(run_compare(cfg, args.out or 'results', workers=args.workers))}")
         return 0
     if args.name == "probes":  # downstream probes of the checkpoints of finished runs
         from pathlib import Path
@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu", help="size preset (cpu, tiny)")
     p.add_argument("--out", default=None, help="output directory (default results/NAME)")
     p.add_argument("--runs", default="results/bert-tiny/runs", help="(probes) directory of finished runs to probe")
+    p.add_argument("--workers", type=int, default=1, help="(schedules) arms trained at once")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("data", help="build a text corpus (default: ~100 MB of English from Debian packages)")
