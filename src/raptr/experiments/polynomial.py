@@ -39,7 +39,8 @@ from raptr.core import RaPTr, Schedule
 from raptr.errors import RaptrError
 from raptr.methods.base import TrainingContext
 from raptr.methods.pld import ProgressiveLayerDrop
-from raptr.training.config import OptimConfig, PLDOptions
+from raptr.methods.pld import PLDOptions
+from raptr.training.config import OptimConfig
 from raptr.training.trainer import lr_at
 
 METHODS = ("baseline", "pld", "raptr")

@@ -11,14 +11,20 @@ method's FLOPs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+
+from typing import Sequence
 
 from raptr.core import SCALINGS, GatedLayers, PathSampler, branch_scale, parse_fixed
 from raptr.errors import RaptrError
 from raptr.methods.base import Method, StepInfo, TrainingContext
 
-if TYPE_CHECKING:
-    from raptr.training.config import LayerDropOptions
+
+@dataclass
+class LayerDropOptions:
+    keep_prob: float = 0.75  # constant keep probability of every non-fixed layer
+    fixed: str = "none"
+    scaling: str = "linear"  # stochastic depth rescales kept blocks by 1/p
 
 
 def keep_prob_for_flops(target_relative: float, num_layers: int, fixed: str | Sequence[int] | None = "none") -> float:
@@ -48,10 +54,8 @@ class LayerDrop(Method):
 
     name = "layerdrop"
 
-    def __init__(self, options: "LayerDropOptions | None" = None):
+    def __init__(self, options: LayerDropOptions | None = None):
         if options is None:
-            from raptr.training.config import LayerDropOptions
-
             options = LayerDropOptions()
         if not 0.0 < options.keep_prob <= 1.0:
             raise RaptrError(f"LayerDrop keep_prob must be in (0, 1], got {options.keep_prob}")

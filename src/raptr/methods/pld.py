@@ -34,7 +34,7 @@ Where we differ from DeepSpeed, on purpose:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
@@ -42,8 +42,11 @@ from raptr.core import GatedLayers, step_generator
 from raptr.errors import RaptrError
 from raptr.methods.base import Method, StepInfo, TrainingContext
 
-if TYPE_CHECKING:
-    from raptr.training.config import PLDOptions
+
+@dataclass
+class PLDOptions:
+    theta: float = 0.5  # θ̄: final global keep rate
+    gamma: float = 0.001  # decay speed of θ(t) = (1-θ̄)e^{-γt} + θ̄
 
 
 class ProgressiveLayerDrop(Method):
@@ -51,10 +54,8 @@ class ProgressiveLayerDrop(Method):
 
     name = "pld"
 
-    def __init__(self, options: "PLDOptions | None" = None):
+    def __init__(self, options: PLDOptions | None = None):
         if options is None:
-            from raptr.training.config import PLDOptions
-
             options = PLDOptions()
         if not 0.0 < options.theta <= 1.0:
             raise RaptrError(f"PLD theta (θ̄) must be in (0, 1], got {options.theta}")

@@ -30,9 +30,11 @@ each attention's ``layer_idx`` is renumbered to its new position (KV-cache slots
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import copy
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,8 +43,15 @@ from raptr.core import parse_stage_lengths
 from raptr.errors import RaptrError
 from raptr.methods.base import Method, StepInfo, TrainingContext, decay_groups
 
-if TYPE_CHECKING:
-    from raptr.training.config import StackingOptions
+
+@dataclass
+class StackingOptions:
+    schedule: str = "6-9-12"  # depth per stage
+    stage_lengths: str = "equal"
+    copy: str = "top"  # top (gradual stacking) | middle (MIDAS)
+    optimizer_state: str = "copy"  # copy | reset: Adam moments of the new layers
+    rewarmup_steps: int = 0  # linear LR re-warm-up at each growth (Reddi et al. use one)
+
 
 COPY_MODES = ("top", "middle")
 STATE_MODES = ("copy", "reset")
@@ -100,10 +109,8 @@ class GradualStacking(Method):
 
     name = "stacking"
 
-    def __init__(self, options: "StackingOptions | None" = None):
+    def __init__(self, options: StackingOptions | None = None):
         if options is None:
-            from raptr.training.config import StackingOptions
-
             options = StackingOptions()
         self.options = options
         if options.copy not in COPY_MODES:

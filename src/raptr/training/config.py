@@ -16,7 +16,10 @@ from typing import Any
 import yaml
 
 from raptr.errors import RaptrError
+from raptr.methods.layerdrop import LayerDropOptions
+from raptr.methods.pld import PLDOptions
 from raptr.methods.raptr import RaPTrOptions
+from raptr.methods.stacking import StackingOptions
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -47,28 +50,6 @@ class DataConfig:
 class ObjectiveConfig:
     name: str = "mlm"  # mlm (encoder) | causal | ul2 (decoder, UL2 mixture of denoisers)
     mask_rate: float = 0.15  # mlm
-
-
-@dataclass
-class PLDOptions:
-    theta: float = 0.5  # θ̄: final global keep rate
-    gamma: float = 0.001  # decay speed of θ(t) = (1-θ̄)e^{-γt} + θ̄
-
-
-@dataclass
-class StackingOptions:
-    schedule: str = "6-9-12"  # depth per stage
-    stage_lengths: str = "equal"
-    copy: str = "top"  # top (gradual stacking) | middle (MIDAS)
-    optimizer_state: str = "copy"  # copy | reset: Adam moments of the new layers
-    rewarmup_steps: int = 0  # linear LR re-warm-up at each growth (Reddi et al. use one)
-
-
-@dataclass
-class LayerDropOptions:
-    keep_prob: float = 0.75  # constant keep probability of every non-fixed layer
-    fixed: str = "none"
-    scaling: str = "linear"  # stochastic depth rescales kept blocks by 1/p
 
 
 @dataclass
