@@ -12,7 +12,6 @@ method's FLOPs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Sequence
 
 from raptr.core import SCALINGS, GatedLayers, PathSampler, branch_scale, parse_fixed
