@@ -30,10 +30,9 @@ each attention's ``layer_idx`` is renumbered to its new position (KV-cache slots
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
