@@ -51,7 +51,7 @@ def test_two_ranks_match_one_process(tmp_path, data_cache, parallel):
     w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert w1.keys() == w2.keys()
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-4)  # summation order differs across ranks
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s1["flops"] == s2["flops"] and s1["relative_flops"] < 1
