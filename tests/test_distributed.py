@@ -98,7 +98,7 @@ def test_ddp_keeps_skipped_grads_none_on_every_rank(tmp_path):
                           str(script)], capture_output=True, text=True, timeout=180,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = [line.split() for line in out.stdout.splitlines() if line[:1] in "01"]
+    lines = [line.split() for line in out.stdout.splitlines() if line[:1] in ("0", "1")]
     steps = {}
     for rank, step, *rest in lines:
         if step == "checksum":
