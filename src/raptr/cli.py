@@ -154,9 +154,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from raptr.experiments.report import make_report
 
     cfg = load_compare_config(args.config, args.overrides)
-    root = run_compare(cfg, args.results, progress=not args.quiet, workers=args.workers)
+    only = [a for chunk in args.only or [] for a in chunk.split(",") if a] or None
+    root = run_compare(cfg, args.results, progress=not args.quiet, workers=args.workers, only=only,
+                       seeds=_int_list(args.seeds, "--seeds"), budget_minutes=args.budget)
     console.print(f"report: {make_report(root)}")
     return 0
+
+
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RaptrError(f"{flag} {text!r}: give comma-separated integers, e.g. {flag} 0,1,2") from None
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -218,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every arm, e.g. train.steps=100")
     p.add_argument("--results", default="results", help="results root; the comparison goes to RESULTS/<name>/")
     p.add_argument("--workers", type=int, default=1, help="arms trained at once, one process each (use with train.threads=1)")
+    p.add_argument("--only", action="append", help="run only these arms (repeat or comma-separate)")
+    p.add_argument("--seeds", default=None, help="run only these seeds, e.g. 0,1")
+    p.add_argument("--budget", type=float, default=None,
+                   help="minutes to spend: no run starts after it, running ones checkpoint and stop (resume later)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_compare)
 

@@ -1,24 +1,33 @@
-"""``raptr compare``: several methods on the same data, seed, model and budget, then a report.
+"""``raptr compare``: several methods on the same data, seeds, model and budget, then a report.
 
 A comparison config names a base run config (a preset) and a list of arms; each arm is a set of
-overrides on top of it. Arms run one after another into ``results/<name>/runs/<arm>/`` and each
-resumes on its own, so an interrupted comparison continues where it stopped. An arm with
-``match_flops_of: other`` gets the number of steps that spends the other arm's measured FLOPs
-(the "equi-FLOP" baseline).
+overrides on top of it, trained for each of its seeds. Seed k gives every arm the same initial
+weights, data order and masking (a paired design); the method's own randomness (paths, drop
+masks) has its own seed, ``train.path_seed``, set to k as well unless an arm overrides it.
+
+Runs go to ``<results>/<name>/runs/<label>/`` and each resumes on its own, so an interrupted
+comparison continues where it stopped and finished runs are skipped: a suite can be run in pieces
+(``--only ARM``, ``--seeds 0,1``, ``--budget MINUTES``) across sessions. An arm with
+``match_flops_of: other`` gets, for each seed, the number of steps that spends that seed's run of
+the other arm's measured FLOPs (the "equi-FLOP" baseline).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
+from tqdm.auto import tqdm
 
 from raptr.errors import RaptrError
-from raptr.training.build import build_trainer, prepare_data
+from raptr.training.build import build_trainer, prepare_data, tokenizer_kind
 from raptr.training.config import from_dict, load_config, load_yaml, resolve_config_path
 
 console = Console()
@@ -28,8 +37,8 @@ console = Console()
 class Arm:
     name: str
     set: list[str] = field(default_factory=list)  # key=value overrides for this arm
-    seeds: list[int] = field(default_factory=list)  # empty: the comparison's first seed
-    match_flops_of: str = ""  # run as many steps as spend this arm's FLOPs
+    seeds: list[int] = field(default_factory=list)  # empty: the comparison's seeds
+    match_flops_of: str = ""  # run as many steps as spend this arm's FLOPs (per seed)
 
 
 @dataclass
@@ -38,8 +47,18 @@ class CompareConfig:
     base: str  # preset or YAML of the shared run config
     overrides: list[str] = field(default_factory=list)  # applied to every arm
     seeds: list[int] = field(default_factory=lambda: [0])
-    baseline: str = "baseline"  # the arm wall-clock and loss ratios are taken against
+    baseline: str = "baseline"  # standard training: FLOPs ratios and time-to-target are taken against it
+    references: list[str] = field(default_factory=list)  # arms every arm is compared with (paired); default [baseline]
     arms: list[Arm] = field(default_factory=list)
+
+
+@dataclass
+class PlannedRun:
+    arm: Arm
+    seed: int
+    label: str
+    overrides: list[str]
+    match_label: str = ""  # the run whose FLOPs this one spends
 
 
 def load_compare_config(path: str, overrides: list[str] = ()) -> CompareConfig:
@@ -47,6 +66,10 @@ def load_compare_config(path: str, overrides: list[str] = ()) -> CompareConfig:
     arms = data.pop("arms", None)
     if not arms or not isinstance(arms, list):
         raise RaptrError(f"{path} has no 'arms': list the methods to compare, each with a name and overrides")
+    for i, a in enumerate(arms):
+        if not isinstance(a, dict):
+            raise RaptrError(f"{path}: arms[{i}] is {a!r}: write each arm as a mapping, e.g. "
+                             "{name: raptr, set: [method.name=raptr]}")
     cfg = from_dict(CompareConfig, data)
     cfg.arms = [from_dict(Arm, a, f"arms[{i}].") for i, a in enumerate(arms)]
     cfg.overrides = list(cfg.overrides) + list(overrides)
@@ -56,70 +79,233 @@ def load_compare_config(path: str, overrides: list[str] = ()) -> CompareConfig:
     for arm in cfg.arms:
         if arm.match_flops_of and arm.match_flops_of not in names:
             raise RaptrError(f"arm '{arm.name}' matches the FLOPs of unknown arm '{arm.match_flops_of}': use one of {names}")
-    if cfg.baseline not in names:
-        raise RaptrError(f"baseline arm '{cfg.baseline}' is not among the arms {names}")
+    cfg.references = cfg.references or [cfg.baseline]
+    for ref in [cfg.baseline] + cfg.references:
+        if ref not in names:
+            raise RaptrError(f"reference arm '{ref}' is not among the arms {names}")
     return cfg
 
 
-def run_label(arm: Arm, seed: int) -> str:
-    return arm.name if not arm.seeds or seed == arm.seeds[0] else f"{arm.name}-seed{seed}"
+def arm_seeds(cfg: CompareConfig, arm: Arm) -> list[int]:
+    return arm.seeds or cfg.seeds
+
+
+def run_label(arm: Arm, seed: int, cfg: CompareConfig | None = None) -> str:
+    """``arm`` for the arm's first seed, ``arm-seedK`` for the others (the run directory's name)."""
+    seeds = arm_seeds(cfg, arm) if cfg is not None else arm.seeds
+    return arm.name if not seeds or seed == seeds[0] else f"{arm.name}-seed{seed}"
+
+
+def parse_label(label: str, cfg: CompareConfig) -> tuple[str, int] | None:
+    """(arm, seed) of a run directory name, or None if it belongs to no arm of ``cfg``."""
+    for arm in cfg.arms:
+        for seed in arm_seeds(cfg, arm):
+            if run_label(arm, seed, cfg) == label:
+                return arm.name, seed
+    return None
 
 
 def arm_overrides(cfg: CompareConfig, arm: Arm, seed: int, root: Path) -> list[str]:
-    label = run_label(arm, seed)
-    return cfg.overrides + arm.set + [f"train.seed={seed}", f"name={label}", f"train.out_dir={root}/runs/{label}"]
+    label = run_label(arm, seed, cfg)
+    return (cfg.overrides + [f"train.seed={seed}", f"train.path_seed={seed}"] + arm.set
+            + [f"name={label}", f"train.out_dir={root}/runs/{label}"])
 
 
-def _order(cfg: CompareConfig) -> list[Arm]:
-    """Arms that others match FLOPs with run first."""
-    first = [a for a in cfg.arms if not a.match_flops_of]
-    return first + [a for a in cfg.arms if a.match_flops_of]
-
-
-def _fit_arm(base: str, overrides: list[str], progress: bool) -> dict:
-    """One arm, start to finish (or resumed); runs in a worker process with --workers > 1."""
-    return build_trainer(load_config(base, overrides), progress=progress).fit()
-
-
-def run_compare(cfg: CompareConfig, results_dir: str | Path = "results", progress: bool = True, workers: int = 1) -> Path:
-    """Run every arm (``workers`` at a time, each in its own process) and return the results dir."""
-    root = Path(results_dir) / cfg.name
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "compare.json").write_text(json.dumps({"name": cfg.name, "base": cfg.base, "overrides": cfg.overrides,
-                                                   "baseline": cfg.baseline,
-                                                   "arms": [a.__dict__ for a in cfg.arms]}, indent=2))
-    # Validate every arm's config before spending any compute, and build the shared data once.
+def plan_runs(cfg: CompareConfig, root: Path, only: list[str] | None = None, seeds: list[int] | None = None) -> list[PlannedRun]:
+    """Every (arm, seed) to run, seed by seed (all arms of seed 0 first), matched arms after their target."""
+    names = [a.name for a in cfg.arms]
+    for name in only or []:
+        if name not in names:
+            raise RaptrError(f"--only {name}: no such arm; the arms are {', '.join(names)}")
+    by_name = {a.name: a for a in cfg.arms}
+    ordered = [a for a in cfg.arms if not a.match_flops_of] + [a for a in cfg.arms if a.match_flops_of]
+    depth = max(len(arm_seeds(cfg, a)) for a in cfg.arms)
     planned = []
-    for arm in _order(cfg):
-        for seed in arm.seeds or cfg.seeds[:1]:
-            planned.append((arm, seed, load_config(cfg.base, arm_overrides(cfg, arm, seed, root))))
-    prepare_data(planned[0][2], progress)
-    summaries: dict[str, dict] = {}
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
-    pending = {}
-    for i, (arm, seed, run_cfg) in enumerate(planned):
-        label = run_label(arm, seed)
-        overrides = arm_overrides(cfg, arm, seed, root)
-        if arm.match_flops_of:
-            for future, name in list(pending.items()):  # needs the matched arm's measured FLOPs
-                if name == arm.match_flops_of:
-                    summaries[name] = future.result()
-                    del pending[future]
-            target = summaries[arm.match_flops_of]
-            overrides = overrides + [f"train.steps={max(1, round(target['total_steps'] * target['relative_flops']))}"]
-            run_cfg = load_config(cfg.base, overrides)
-        done = run_cfg.out_dir / "summary.json"
-        if done.is_file() and json.loads(done.read_text()).get("steps") == run_cfg.train.steps:
-            summaries[label] = json.loads(done.read_text())
-            console.print(f"[{i + 1}/{len(planned)}] {label}: done already, skipping")
+    for rank in range(depth):
+        for arm in ordered:
+            own = arm_seeds(cfg, arm)
+            if rank >= len(own) or (only and arm.name not in only) or (seeds is not None and own[rank] not in seeds):
+                continue
+            seed = own[rank]
+            match = ""
+            if arm.match_flops_of:
+                target = by_name[arm.match_flops_of]
+                match = run_label(target, seed if seed in arm_seeds(cfg, target) else arm_seeds(cfg, target)[0], cfg)
+            planned.append(PlannedRun(arm, seed, run_label(arm, seed, cfg), arm_overrides(cfg, arm, seed, root), match))
+    if not planned:
+        raise RaptrError(f"nothing to run: no arm has the seeds {seeds}; the comparison's seeds are {cfg.seeds}")
+    return planned
+
+
+def finished_summary(run_dir: Path) -> dict | None:
+    """The summary of a run that reached its last step, else None."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return s if s.get("steps") is not None and s.get("steps") == s.get("total_steps") else None
+
+
+def last_step(run_dir: Path) -> int:
+    """The last logged step of a run in progress (reads only the end of metrics.jsonl)."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 4096))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
             continue
-        console.print(f"[{i + 1}/{len(planned)}] {label}: {run_cfg.method.name}, {run_cfg.train.steps} steps, seed {seed}")
-        if pool is None:
-            summaries[label] = _fit_arm(cfg.base, overrides, progress)
+    return 0
+
+
+def unigram_plateau(data) -> dict:
+    """Cross-entropy of the val tokens under the train split's token frequencies (add-½ smoothing).
+
+    A model that has learned only token frequencies sits at this loss (the "unigram plateau");
+    a report states how far below it every arm ended.
+    """
+    vocab = data.tokenizer.get_vocab_size()
+    counts = np.bincount(np.asarray(data.train.tokens, dtype=np.int64), minlength=vocab).astype(np.float64) + 0.5
+    logp = np.log(counts / counts.sum())
+    val = np.asarray(data.val.tokens, dtype=np.int64)
+    return {"unigram_val_loss": float(-logp[val].mean()), "train_tokens": int(data.train.num_tokens),
+            "val_tokens": int(data.val.num_tokens), "vocab_size": vocab}
+
+
+def _steps_for(run: PlannedRun, summaries: dict[str, dict]) -> list[str]:
+    if not run.match_label:
+        return run.overrides
+    target = summaries[run.match_label]
+    return run.overrides + [f"train.steps={max(1, round(target['total_steps'] * target['relative_flops']))}"]
+
+
+def _fit_run(base: str, overrides: list[str], progress: bool, deadline: float | None) -> dict:
+    """One run, start to finish (or resumed); in a worker process with --workers > 1."""
+    return build_trainer(load_config(base, overrides), progress=progress).fit(deadline=deadline)
+
+
+def run_compare(cfg: CompareConfig, results_dir: str | Path = "results", progress: bool = True, workers: int = 1,
+                only: list[str] | None = None, seeds: list[int] | None = None, budget_minutes: float | None = None) -> Path:
+    """Run the planned arms (``workers`` at a time, each in its own process); return the results dir.
+
+    With ``budget_minutes``, no run starts after the budget is spent and running ones checkpoint and
+    stop at their next step; the same command later resumes them.
+    """
+    if workers < 1:
+        raise RaptrError(f"--workers {workers}: use 1 or more")
+    if budget_minutes is not None and budget_minutes <= 0:
+        raise RaptrError(f"--budget {budget_minutes}: give the minutes to spend, a positive number")
+    root = Path(results_dir) / cfg.name
+    if root.exists() and not root.is_dir():
+        raise RaptrError(f"{root} is a file: pick another --results directory")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "compare.json").write_text(json.dumps({**asdict(cfg), "arms": [asdict(a) for a in cfg.arms]}, indent=2))
+    deadline = time.time() + 60 * budget_minutes if budget_minutes else None
+    planned = plan_runs(cfg, root, only, seeds)
+    # Validate every run's config before spending compute, and build the shared data once.
+    configs = {r.label: load_config(cfg.base, r.overrides) for r in planned}
+    first = configs[planned[0].label]
+    data = prepare_data(first, progress)
+    if not (root / "data.json").is_file():
+        info = {"tokenizer": tokenizer_kind(first), "sources": first.data.sources, **unigram_plateau(data)}
+        (root / "data.json").write_text(json.dumps(info, indent=2))
+
+    summaries: dict[str, dict] = {}
+    todo: list[PlannedRun] = []
+    for r in planned:
+        done = finished_summary(configs[r.label].out_dir)
+        if done is not None:
+            summaries[r.label] = done
         else:
-            pending[pool.submit(_fit_arm, cfg.base, overrides, False)] = label
-    for future, name in pending.items():
-        summaries[name] = future.result()
-    if pool is not None:
-        pool.shutdown()
+            todo.append(r)
+    for r in planned:
+        if r.match_label and r.match_label not in summaries and r.match_label not in {t.label for t in todo}:
+            raise RaptrError(f"{r.label} spends the FLOPs of {r.match_label}, which has not run: "
+                             f"run arm '{r.arm.match_flops_of}' for seed {r.seed} first (or drop --only/--seeds)")
+    console.print(f"{cfg.name}: {len(planned)} runs planned, {len(planned) - len(todo)} done already, "
+                  f"{len(todo)} to run{' now' if todo else ''}")
+    for r in planned:
+        if r.label in summaries:
+            console.print(f"  {r.label}: done already, skipping")
+    if todo:
+        _execute(cfg, todo, configs, summaries, progress, workers, deadline)
+    missing = [r.label for r in planned if r.label not in summaries]
+    if missing:
+        console.print(f"not finished (run the same command again to continue): {', '.join(missing)}")
     return root
+
+
+def _execute(cfg: CompareConfig, todo: list[PlannedRun], configs: dict, summaries: dict, progress: bool,
+             workers: int, deadline: float | None) -> None:
+    """Start runs as their dependencies allow; one suite-wide progress bar with an ETA."""
+    def steps_of(r: PlannedRun) -> int:
+        if r.match_label and r.match_label in summaries:
+            return int(_steps_for(r, summaries)[-1].split("=")[1])
+        return configs[r.label].train.steps
+
+    bar = tqdm(total=sum(steps_of(r) for r in todo), desc=f"{cfg.name} suite", unit="step", disable=not progress,
+               dynamic_ncols=True, mininterval=2.0)
+    start = {r.label: last_step(configs[r.label].out_dir) for r in todo}
+    bar.update(sum(start.values()))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    running: dict = {}  # future -> run
+    queue = list(todo)
+    shown = dict(start)
+    try:
+        while queue or running:
+            out_of_time = deadline is not None and time.time() > deadline
+            while queue and len(running) < workers and not out_of_time:
+                ready = next((r for r in queue if not r.match_label or r.match_label in summaries), None)
+                if ready is None:
+                    break  # waiting for a matched run to finish
+                queue.remove(ready)
+                overrides = _steps_for(ready, summaries)
+                run_cfg = load_config(cfg.base, overrides)
+                bar.total += run_cfg.train.steps - configs[ready.label].train.steps
+                configs[ready.label] = run_cfg
+                tqdm.write(f"start {ready.label}: {run_cfg.method.name}, {run_cfg.train.steps} steps, seed {ready.seed}")
+                if pool is None:  # in this process, with the run's own progress bar
+                    summary = _fit_run(cfg.base, overrides, progress, deadline)
+                    _finish(ready, summary, summaries, bar, shown, configs)
+                else:
+                    running[pool.submit(_fit_run, cfg.base, overrides, False, deadline)] = ready
+            if out_of_time and not running:
+                break
+            if not running:
+                if queue and not any(not r.match_label or r.match_label in summaries for r in queue):
+                    raise RaptrError(f"runs wait for FLOPs of runs that did not finish: {[r.label for r in queue]}")
+                continue
+            done, _ = wait(list(running), timeout=5.0, return_when=FIRST_COMPLETED)
+            for future in done:
+                _finish(running.pop(future), future.result(), summaries, bar, shown, configs)
+            for r in running.values():
+                step = last_step(configs[r.label].out_dir)
+                bar.update(max(0, step - shown.get(r.label, 0)))
+                shown[r.label] = max(step, shown.get(r.label, 0))
+            bar.set_postfix_str(" ".join(f"{r.label}:{shown.get(r.label, 0)}/{configs[r.label].train.steps}"
+                                         for r in running.values()), refresh=False)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+
+
+def _finish(run: PlannedRun, summary: dict, summaries: dict, bar, shown: dict, configs: dict) -> None:
+    total = configs[run.label].train.steps
+    bar.update(max(0, summary["steps"] - shown.get(run.label, 0)))
+    shown[run.label] = summary["steps"]
+    if summary["steps"] == total:
+        summaries[run.label] = summary
+        loss = summary["final_val_loss"]
+        tqdm.write(f"done  {run.label}: val loss {loss:.4f}" if isinstance(loss, float) and math.isfinite(loss)
+                   else f"done  {run.label}")
+    else:
+        tqdm.write(f"stopped {run.label} at step {summary['steps']}/{total} (budget spent): it resumes next time")

@@ -78,7 +78,8 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 32  # sequences per micro-batch
-    seed: int = 0
+    seed: int = 0  # initial weights, data order and masking: a comparison's arms share it (paired design)
+    path_seed: int = -1  # the method's own randomness (paths, drop masks); -1 = train.seed
     eval_every: int = 100  # also evaluated at every stage boundary and at the end
     eval_batches: int = 8
     checkpoint_every: int = 100

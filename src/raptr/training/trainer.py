@@ -61,6 +61,22 @@ def make_optimizer(model: nn.Module, opt: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
 
+def git_commit() -> str | None:
+    """The commit of the code that ran (with ``+dirty`` for uncommitted changes), or None outside git."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if rev.returncode:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 @dataclass
 class Batches:
     """Where batches come from: ``train(index) -> tokens`` and fixed validation token batches."""
@@ -85,7 +101,8 @@ class Trainer:
             raise RaptrError(f"train.batch_size={cfg.train.batch_size} (the global batch) must divide among {self.dist.world} ranks")
         self.model.to(self.device)
         self.total_steps = cfg.train.steps
-        self.context = TrainingContext(model, find_layer_stack(model), self.total_steps, cfg.train.seed)
+        path_seed = cfg.train.path_seed if cfg.train.path_seed >= 0 else cfg.train.seed
+        self.context = TrainingContext(model, find_layer_stack(model), self.total_steps, path_seed)
         self.method.attach(self.context)
         if self.dist.enabled and cfg.train.parallel == "fsdp" and self.method.name == "stacking":
             raise RaptrError("stacking grows the model, which FSDP2 shards once: use train.parallel=ddp")
@@ -96,6 +113,7 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg.optim)
         self.context.optimizer = self.optimizer
         self.step = 0
+        self.git_commit = git_commit()  # of the code this run imported
         self.counters = {"flops": 0.0, "full_flops": 0.0, "tokens": 0, "train_seconds": 0.0, "layer_passes": 0}
         self._tb = None
 
@@ -259,8 +277,10 @@ class Trainer:
             labelled += total
         return D.all_sum([loss_value], d)[0], labelled
 
-    def fit(self, resume: bool = True, fresh: bool = False, stop_after: int | None = None) -> dict:
-        """Train to ``train.steps`` (or stop after ``stop_after`` more steps); returns the summary."""
+    def fit(self, resume: bool = True, fresh: bool = False, stop_after: int | None = None,
+            deadline: float | None = None) -> dict:
+        """Train to ``train.steps`` (or stop after ``stop_after`` more steps, or at the first step boundary
+        after the ``time.time()`` ``deadline``, with a checkpoint to resume from); returns the summary."""
         cfg = self.cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -326,6 +346,8 @@ class Trainer:
             if self.step % cfg.train.eval_every == 0 or self.step in boundaries or self.step == self.total_steps:
                 self._log({"kind": "eval", "step": self.step, "val_loss": self.evaluate(), "stage": info.stage,
                            "boundary": self.step in boundaries, **self.counters})
+            if deadline is not None and time.time() > deadline and self.step < end:
+                end = self.step  # out of time: checkpoint here, resume later
             if self.step % cfg.train.checkpoint_every == 0 or self.step == end:
                 self._save()
         bar.close()
@@ -347,6 +369,7 @@ class Trainer:
             "relative_flops": c["flops"] / c["full_flops"] if c["full_flops"] else None,
             "expected_relative_layer_flops": self.method.expected_relative_flops(),
             "tokens": c["tokens"], "train_seconds": c["train_seconds"],
+            "git_commit": self.git_commit,
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         D.barrier(self.dist)
