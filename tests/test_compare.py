@@ -1,43 +1,69 @@
-"""The comparison harness on a tiny real run: every arm, the table, every plot, equal-FLOP budgets."""
+"""The comparison harness on tiny real runs: every arm, paired seeds, equal-FLOP budgets, the
+report and evidence.json, and a suite run in pieces (only the missing runs run)."""
 
 import json
 import struct
+import time
 
 import pytest
 
+from raptr.errors import RaptrError
 from raptr.experiments.compare import load_compare_config, run_compare
 from raptr.experiments.report import PLOTS, make_report
+from raptr.training.build import build_trainer
+from raptr.training.config import load_config
 
 TINY = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_layers=6", "data.vocab_size=1024",
         "data.seq_len=32", "train.batch_size=4", "train.eval_batches=2", "train.threads=1", "train.steps=60",
         "train.eval_every=15", "train.checkpoint_every=30", "optim.warmup_steps=2", "data.sources=austen"]
 
 
+def scaled(cfg):
+    """The preset's 12-layer schedules, scaled to the 6-layer test model."""
+    for arm in cfg.arms:
+        arm.set = [s.replace("6-8-10-12", "3-4-5-6").replace("6-9-12", "3-6") for s in arm.set]
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("results")
-    cfg = load_compare_config("compare/bert-tiny", TINY + [f"data.cache_dir={data_cache}"])
-    for arm in cfg.arms:  # the preset's 12-layer schedules, scaled to the 6-layer test model
-        arm.set = [s.replace("6-8-10-12", "3-4-5-6").replace("6-9-12", "3-6") for s in arm.set]
+    cfg = scaled(load_compare_config("compare/bert-tiny", TINY + [f"data.cache_dir={data_cache}"]))
     return run_compare(cfg, root, progress=False), cfg
+
+
+def summaries_of(root):
+    return {d.name: json.loads((d / "summary.json").read_text()) for d in (root / "runs").iterdir()}
 
 
 def test_every_arm_ran_and_equal_flop_budgets_agree(comparison):
     root, cfg = comparison
-    summaries = {d.name: json.loads((d / "summary.json").read_text()) for d in (root / "runs").iterdir()}
+    summaries = summaries_of(root)
     assert set(summaries) == {"baseline", "baseline-seed1", "raptr", "stacking", "pld", "layerdrop", "baseline-equiflop"}
     raptr, equi = summaries["raptr"], summaries["baseline-equiflop"]
     assert equi["steps"] < raptr["steps"] == 60
     assert equi["flops"] == pytest.approx(raptr["flops"], rel=0.01)  # matched FLOPs within 1%
     assert summaries["raptr"]["relative_flops"] < 0.95 and summaries["stacking"]["relative_flops"] < 0.95
+    assert all(s["git_commit"] for s in summaries.values())  # provenance of every run
 
 
-def test_report_has_table_spread_and_every_plot(comparison):
+def test_report_and_evidence_match_the_logs(comparison):
     root, _ = comparison
     report = make_report(root).read_text()
     for name in ("baseline", "raptr", "stacking", "pld", "layerdrop", "baseline-equiflop"):
         assert f"| {name} (" in report
-    assert "Seed-to-seed spread of the baseline" in report
+    assert "Paired comparisons" in report and "Unigram plateau" in report
+    ev = json.loads((root / "evidence.json").read_text())
+    s = summaries_of(root)
+    arms = {a["arm"]: a for a in ev["arms"]}
+    assert arms["baseline"]["seeds"] == [0, 1]
+    assert arms["baseline"]["final_val_loss"] == [s["baseline"]["final_val_loss"], s["baseline-seed1"]["final_val_loss"]]
+    assert arms["raptr"]["rel_flops"] == pytest.approx(s["raptr"]["flops"] / s["baseline"]["flops"])
+    assert arms["baseline"]["time_to_target_flops_ratio"] == pytest.approx(1.0, abs=0.2)
+    raptr = next(c for c in ev["comparisons"] if c["arm"] == "raptr" and c["against"] == "baseline")
+    assert raptr["n"] == 1 and raptr["ci95"] is None and raptr["verdict"] == "one seed: no interval"
+    assert raptr["mean_diff"] == pytest.approx(s["raptr"]["final_val_loss"] - s["baseline"]["final_val_loss"])
+    assert ev["missing"] == [] and ev["unigram_val_loss"] > 4.0
     for name in PLOTS:
         png = (root / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -53,3 +79,47 @@ def test_rerun_skips_finished_arms(comparison, capsys):
     after = {d.name: (d / "summary.json").stat().st_mtime for d in (root / "runs").iterdir()}
     assert before == after
     assert "done already" in capsys.readouterr().out
+
+
+def test_suite_in_pieces_runs_only_what_is_missing(tmp_path, data_cache):
+    cfg = scaled(load_compare_config("compare/clm-tiny", TINY + ["train.steps=24", "train.eval_every=8",
+                                                                "data.vocab_size=1024", f"data.cache_dir={data_cache}"]))
+    cfg.arms = [a for a in cfg.arms if a.name in ("standard", "raptr", "standard-equiflop")]
+    cfg.seeds = [0, 1]
+    with pytest.raises(RaptrError, match="run arm 'raptr' for seed 0 first"):
+        run_compare(cfg, tmp_path, progress=False, only=["standard-equiflop"])
+    root = run_compare(cfg, tmp_path, progress=False, only=["raptr"], seeds=[0])
+    assert sorted(d.name for d in (root / "runs").iterdir()) == ["raptr"]
+    first = (root / "runs/raptr/summary.json").stat().st_mtime
+    with pytest.raises(RaptrError, match="baseline arm 'standard' has no finished run"):
+        make_report(root)
+    run_compare(cfg, tmp_path, progress=False, workers=2)  # the rest, two at a time
+    runs = {d.name: json.loads((d / "summary.json").read_text()) for d in (root / "runs").iterdir()}
+    assert set(runs) == {"standard", "standard-seed1", "raptr", "raptr-seed1", "standard-equiflop", "standard-equiflop-seed1"}
+    assert (root / "runs/raptr/summary.json").stat().st_mtime == first  # not rerun
+    for seed in ("", "-seed1"):  # each equi-FLOP run spends the FLOPs of the RaPTr run of its own seed
+        assert runs[f"standard-equiflop{seed}"]["flops"] == pytest.approx(runs[f"raptr{seed}"]["flops"], rel=0.02)
+    configs = {n: json.loads((root / "runs" / n / "config.json").read_text())["train"] for n in runs}
+    assert configs["raptr-seed1"]["seed"] == configs["standard-seed1"]["seed"] == 1  # paired: same init and data
+    assert configs["raptr-seed1"]["path_seed"] == 1
+    ev_path = make_report(root).parent / "evidence.json"
+    ev = json.loads(ev_path.read_text())
+    cmp = next(c for c in ev["comparisons"] if c["arm"] == "raptr" and c["against"] == "standard")
+    assert cmp["n"] == 2 and len(cmp["ci95"]) == 2
+    d = [runs[f"raptr{s}"]["final_val_loss"] - runs[f"standard{s}"]["final_val_loss"] for s in ("", "-seed1")]
+    assert cmp["mean_diff"] == pytest.approx(sum(d) / 2)
+    assert {c["against"] for c in ev["comparisons"]} == {"standard", "standard-equiflop"}
+
+
+def test_deadline_checkpoints_and_resumes_exactly(tmp_path, data_cache):
+    base = TINY + ["objective.name=causal", "data.tokenizer=bpe", f"data.cache_dir={data_cache}", "train.steps=12",
+                   "train.checkpoint_every=100", "method.name=raptr", "method.raptr.schedule=3-4-5-6"]
+    whole = build_trainer(load_config(None, base + [f"train.out_dir={tmp_path}/whole"]), progress=False).fit()
+    cut = build_trainer(load_config(None, base + [f"train.out_dir={tmp_path}/cut"]), progress=False).fit(deadline=time.time())
+    assert cut["steps"] == 1  # stopped at the first step boundary past the deadline, with a checkpoint
+    assert (tmp_path / "cut/checkpoints").is_dir()
+    again = build_trainer(load_config(None, base + [f"train.out_dir={tmp_path}/cut"]), progress=False).fit()
+    assert again["steps"] == 12 and again["final_val_loss"] == whole["final_val_loss"]
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+               if '"train"' in line] for d in ("whole", "cut")]
+    assert losses[0] == losses[1]

@@ -1,9 +1,16 @@
-"""``raptr report results/<name>``: the comparison's table and plots, rebuilt from the run logs."""
+"""``raptr report DIR``: a comparison's evidence, rebuilt from whatever run logs are there.
+
+Writes ``DIR/report.md`` (tables, verdicts, plots) and ``DIR/evidence.json`` (every number the
+report states, per arm and per paired comparison). Runs are grouped into arms and seeds with the
+comparison's ``compare.json``; runs that have not finished, and planned runs that never started,
+are listed as missing instead of being counted.
+"""
 
 from __future__ import annotations
 
 import json
-import statistics
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -12,33 +19,304 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from raptr.errors import RaptrError  # noqa: E402
+from raptr.experiments.compare import CompareConfig, arm_seeds, parse_label, run_label  # noqa: E402
+from raptr.experiments.stats import (  # noqa: E402
+    DECISIVE_HALF_WIDTH, decisive, first_crossing, interpolate, mean_std, paired_difference, t975, verdict)
+from raptr.training.config import from_dict  # noqa: E402
 
 PLOTS = {
-    "val_loss_vs_flops.png": "full-model validation loss vs training FLOPs",
-    "val_loss_vs_wallclock.png": "full-model validation loss vs training wall-clock",
-    "val_loss_vs_step.png": "full-model validation loss vs step",
-    "train_loss_transitions.png": "training loss around each stage transition",
-    "path_length.png": "layers run per step over training",
+    "val_loss_vs_flops.png": "full-model validation loss vs training FLOPs (mean over seeds, band: min-max)",
+    "val_loss_vs_step.png": "full-model validation loss vs step (mean over seeds, band: min-max)",
+    "val_loss_vs_wallclock.png": "full-model validation loss vs training wall-clock (mean over seeds)",
+    "paired_difference.png": "paired difference to the baseline at equal FLOPs over training (mean, band: 95% CI)",
+    "train_loss_transitions.png": "training loss around each stage transition (first seed)",
+    "path_length.png": "layers run per step over training (first seed)",
 }
 
 
-def read_run(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {"name": run_dir.name, "summary": summary, "train": [r for r in rows if r["kind"] == "train"],
-            "eval": [r for r in rows if r["kind"] == "eval"]}
+@dataclass
+class Run:
+    label: str
+    arm: str
+    seed: int
+    summary: dict
+    train: list[dict] = field(default_factory=list)
+    eval: list[dict] = field(default_factory=list)
+    calibrated: dict[int, float] = field(default_factory=dict)  # step -> seconds from the quiet step-cost table
+
+    @property
+    def finished(self) -> bool:
+        return self.summary.get("steps") is not None and self.summary.get("steps") == self.summary.get("total_steps")
+
+    @property
+    def final(self) -> float:
+        return self.summary["final_val_loss"]
 
 
-def loss_at_flops(evals: list[dict], flops: float) -> float | None:
-    """Validation loss at a FLOPs budget, linearly interpolated between evaluations."""
-    points = [(e["flops"], e["val_loss"]) for e in evals]
-    for (f0, l0), (f1, l1) in zip(points, points[1:]):
-        if f0 <= flops <= f1:
-            return l0 if f1 == f0 else l0 + (l1 - l0) * (flops - f0) / (f1 - f0)
-    return None
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a torn or foreign line (a killed writer) is skipped."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "kind" in row and "step" in row:
+            rows.append(row)
+    return rows
 
 
-def smooth(values: list[float], window: int) -> list[float]:
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def load_compare_meta(root: Path) -> CompareConfig | None:
+    meta = _read_json(root / "compare.json")
+    if not meta or not isinstance(meta.get("arms"), list):
+        return None
+    from raptr.experiments.compare import Arm
+
+    try:
+        arms = [from_dict(Arm, a) for a in meta["arms"]]
+        cfg = from_dict(CompareConfig, {k: v for k, v in meta.items() if k != "arms"})
+    except (RaptrError, TypeError, AttributeError):
+        return None
+    cfg.arms = arms
+    cfg.references = cfg.references or [cfg.baseline]
+    return cfg
+
+
+def step_cost(root: Path) -> dict | None:
+    """The quiet step-time table written by ``benchmarks/step_cost.py`` (seconds per step by layers run)."""
+    table = _read_json(root / "step_cost.json")
+    return table if table and table.get("layers") and table.get("seconds") else None
+
+
+def _calibrate(run: Run, table: dict) -> None:
+    layers, seconds = table["layers"], table["seconds"]
+    total = 0.0
+    run.calibrated[0] = 0.0
+    for row in run.train:
+        k = row["layers_run"]
+        cost = interpolate(layers, seconds, min(max(k, layers[0]), layers[-1]))
+        total += cost
+        run.calibrated[row["step"]] = total
+
+
+def load_runs(root: Path, cfg: CompareConfig | None) -> list[Run]:
+    runs_dir = root / "runs"
+    if not runs_dir.is_dir():
+        raise RaptrError(f"no runs under {root}: run `raptr compare --config ...` first")
+    table = step_cost(root)
+    runs = []
+    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        summary = _read_json(d / "summary.json")
+        metrics = d / "metrics.jsonl"
+        if summary is None or not metrics.is_file():
+            continue
+        config = _read_json(d / "config.json") or {}
+        where = parse_label(d.name, cfg) if cfg else None
+        arm, seed = where if where else (d.name, config.get("train", {}).get("seed", 0))
+        rows = read_metrics(metrics)
+        run = Run(d.name, arm, seed, summary, [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"])
+        if table:
+            _calibrate(run, table)
+        runs.append(run)
+    return runs
+
+
+# ------------------------------------------------------------------------------------ evidence
+def _arm_order(cfg: CompareConfig | None, runs: list[Run]) -> list[str]:
+    names = [a.name for a in cfg.arms] if cfg else []
+    return names + sorted({r.arm for r in runs} - set(names))
+
+
+def _time_to_target(run: Run, target: float, base: Run) -> dict:
+    evals = run.eval
+    losses = [e["val_loss"] for e in evals]
+    flops = first_crossing([e["flops"] for e in evals], losses, target)
+    raw = first_crossing([e["train_seconds"] for e in evals], losses, target)
+    out = {"flops_ratio": None if flops is None else flops / base.summary["flops"],
+           "wallclock_ratio_raw": None if raw is None else raw / base.summary["train_seconds"],
+           "wallclock_ratio_calibrated": None}
+    if run.calibrated and base.calibrated:
+        cal = first_crossing([run.calibrated.get(e["step"], math.nan) for e in evals], losses, target)
+        base_total = base.calibrated[max(base.calibrated)]
+        out["wallclock_ratio_calibrated"] = None if cal is None else cal / base_total
+    return out
+
+
+def _mean_or_none(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals and len(vals) == len(values) else None
+
+
+def build_evidence(root: str | Path) -> dict:
+    """Every number of the report, from the committed logs (also written as DIR/evidence.json)."""
+    root = Path(root)
+    cfg = load_compare_meta(root)
+    runs = load_runs(root, cfg)
+    finished = [r for r in runs if r.finished and isinstance(r.summary.get("final_val_loss"), (int, float))]
+    if not finished:
+        raise RaptrError(f"no finished runs under {root / 'runs'}: let `raptr compare` finish some (it resumes) first")
+    baseline = cfg.baseline if cfg else finished[0].arm
+    by_arm: dict[str, dict[int, Run]] = {}
+    for r in finished:
+        by_arm.setdefault(r.arm, {})[r.seed] = r
+    base_runs = by_arm.get(baseline, {})
+    if not base_runs:
+        raise RaptrError(f"the baseline arm '{baseline}' has no finished run yet: run it first "
+                         f"(raptr compare ... --only {baseline})")
+    first_base = base_runs[min(base_runs)]
+
+    def base_for(seed: int) -> Run:
+        return base_runs.get(seed, first_base)
+
+    arms = []
+    for name in _arm_order(cfg, finished):
+        seeds = by_arm.get(name, {})
+        if not seeds:
+            continue
+        finals = [seeds[s].final for s in sorted(seeds)]
+        mean, std = mean_std(finals)
+        rel = [seeds[s].summary["flops"] / base_for(s).summary["flops"] for s in sorted(seeds)]
+        ttt = [_time_to_target(seeds[s], base_for(s).final, base_for(s)) for s in sorted(seeds)]
+        method = seeds[min(seeds)].summary.get("method")
+        arms.append({
+            "arm": name, "method": method, "seeds": sorted(seeds), "steps": [seeds[s].summary["steps"] for s in sorted(seeds)],
+            "rel_flops": sum(rel) / len(rel), "rel_flops_per_seed": rel,
+            "final_val_loss": finals, "final_val_loss_mean": mean, "final_val_loss_std": std,
+            "time_to_target_flops_ratio": _mean_or_none([t["flops_ratio"] for t in ttt]),
+            "time_to_target_flops_ratio_per_seed": [t["flops_ratio"] for t in ttt],
+            "time_to_target_wallclock_ratio_raw": _mean_or_none([t["wallclock_ratio_raw"] for t in ttt]),
+            "time_to_target_wallclock_ratio_calibrated": _mean_or_none([t["wallclock_ratio_calibrated"] for t in ttt]),
+            "wallclock_ratio_raw": sum(seeds[s].summary["train_seconds"] / base_for(s).summary["train_seconds"]
+                                       for s in seeds) / len(seeds),
+            "git_commits": sorted({str(seeds[s].summary.get("git_commit")) for s in seeds}),
+        })
+    references = [r for r in (cfg.references if cfg else [baseline]) if r in by_arm]
+    comparisons = []
+    for a in arms:
+        for ref in references:
+            if a["arm"] == ref:
+                continue
+            diff = paired_difference({s: r.final for s, r in by_arm[a["arm"]].items()},
+                                     {s: r.final for s, r in by_arm[ref].items()})
+            comparisons.append({"arm": a["arm"], "against": ref, "mean_diff": diff["mean_diff"], "ci95": diff["ci95"],
+                                "half_width": diff["half_width"], "n": diff["n"], "seeds": diff["seeds"],
+                                "diffs": diff["diffs"], "verdict": verdict(diff), "decisive": decisive(diff)})
+    planned = [(arm.name, s, run_label(arm, s, cfg)) for arm in cfg.arms for s in arm_seeds(cfg, arm)] if cfg else []
+    done = {r.label for r in finished}
+    partial = {r.label: r.summary.get("steps") for r in runs if r.label not in done}
+    data = _read_json(root / "data.json") or {}
+    table = step_cost(root)
+    return {
+        "name": cfg.name if cfg else root.name, "base": cfg.base if cfg else None,
+        "overrides": cfg.overrides if cfg else [], "baseline": baseline, "references": references,
+        "unigram_val_loss": data.get("unigram_val_loss"), "data": data,
+        "step_cost": {k: table[k] for k in ("layers", "seconds", "threads", "note") if k in table} if table else None,
+        "arms": arms, "comparisons": comparisons,
+        "missing": [{"arm": a, "seed": s, "label": lab, "steps_done": partial.get(lab)} for a, s, lab in planned if lab not in done],
+        "decisive_half_width": DECISIVE_HALF_WIDTH,
+        "_runs": finished, "_by_arm": by_arm,
+    }
+
+
+# ------------------------------------------------------------------------------------ report
+def _f(x: float | None, fmt: str = ".4f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def make_report(root: str | Path) -> Path:
+    root = Path(root)
+    ev = build_evidence(root)
+    runs, by_arm = ev.pop("_runs"), ev.pop("_by_arm")
+    (root / "evidence.json").write_text(json.dumps(ev, indent=2, allow_nan=False, default=str) + "\n")
+    plateau = ev["unigram_val_loss"]
+    lines = [f"# Comparison: {ev['name']}", "",
+             f"Base config `{ev['base']}`; overrides `{' '.join(ev['overrides']) or '-'}`. "
+             f"Regenerate with `raptr report {root}`; every number here is also in `evidence.json`.", ""]
+    if plateau is not None:
+        lines += [f"Unigram plateau of this tokenizer on the val split (cross-entropy under the train split's token "
+                  f"frequencies): **{plateau:.3f}** nats. A model that has learned only token frequencies sits there.", ""]
+    n_planned = sum(len(a["seeds"]) for a in ev["arms"]) + len(ev["missing"])
+    lines += [f"Runs finished: {sum(len(a['seeds']) for a in ev['arms'])} of {n_planned} planned."]
+    if ev["missing"]:
+        lines += ["Missing (not counted anywhere below): " + ", ".join(
+            m["label"] + (f" (at step {m['steps_done']})" if m["steps_done"] else "") for m in ev["missing"]) + "."]
+    lines += ["", "## Arms", "",
+              "| arm (method) | seeds | rel. FLOPs | final val loss, mean ± std | per seed | below plateau "
+              "| FLOPs to baseline's loss | wall-clock to it (calibrated / raw) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for a in ev["arms"]:
+        below = "-" if plateau is None else f"{plateau - a['final_val_loss_mean']:.2f}"
+        ttt = a["time_to_target_flops_ratio"]
+        reached = sum(v is not None for v in a["time_to_target_flops_ratio_per_seed"])
+        ttt_s = _f(ttt, ".3f") if ttt is not None else f"not reached ({reached}/{len(a['seeds'])} seeds)"
+        std = f" ± {a['final_val_loss_std']:.4f}" if a["final_val_loss_std"] is not None else " (1 seed)"
+        lines.append(f"| {a['arm']} ({a['method']}) | {len(a['seeds'])} | {a['rel_flops']:.3f} | {a['final_val_loss_mean']:.4f}{std} "
+                     f"| {', '.join(f'{v:.4f}' for v in a['final_val_loss'])} | {below} | {ttt_s} "
+                     f"| {_f(a['time_to_target_wallclock_ratio_calibrated'], '.3f')} / {_f(a['time_to_target_wallclock_ratio_raw'], '.3f')} |")
+    cal = ev["step_cost"]
+    lines += ["", f"*rel. FLOPs*: the run's exact training FLOPs (from the layers that ran) over the `{ev['baseline']}` run "
+              "of the same seed. *FLOPs to baseline's loss* (time-to-target): training FLOPs at which the arm's full-model "
+              f"val loss first reaches the final loss of `{ev['baseline']}` (same seed; interpolated between evaluations), "
+              f"over `{ev['baseline']}`'s total: below 1 is a speed-up. *Wall-clock*: the same ratio in seconds. "
+              + ("Calibrated seconds come from per-step costs by layers run, measured in one quiet interleaved run "
+                 f"(`step_cost.json`: {cal.get('note', '')}); raw seconds are what the runs logged while sharing a "
+                 "loaded machine, so they are noise-prone." if cal else
+                 "No quiet step-cost table (`benchmarks/step_cost.py`) is present, so only raw seconds are shown: "
+                 "they were logged on a shared, loaded machine and are noise-prone."),
+              "", "## Paired comparisons (final full-model val loss, arm − reference, same seeds)", "",
+              "| arm | against | n | mean diff | 95% CI | verdict | decides a 0.03-nat claim? |", "|---|---|---|---|---|---|---|"]
+    for c in ev["comparisons"]:
+        ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
+        lines.append(f"| {c['arm']} | {c['against']} | {c['n']} | {_f(c['mean_diff'], '+.4f')} | {ci} | {c['verdict']} "
+                     f"| {'yes' if c['decisive'] else 'no: add seeds'} |")
+    lines += ["", "Negative = the arm reached a lower loss. Intervals are t intervals over the paired per-seed differences "
+              f"(t quantiles {', '.join(f'df={d}: {t975(d):.3f}' for d in (1, 2, 3))}). A verdict of *better*/*worse* "
+              f"means the interval excludes 0; an interval with half-width above {DECISIVE_HALF_WIDTH} nats that contains "
+              "0 cannot decide a claim of that size.", "", "## Plots", ""]
+    lines += [f"![{title}]({name})  \n*{title}*" for name, title in PLOTS.items()]
+    report = root / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    _plots(ev, runs, by_arm, root)
+    return report
+
+
+# ------------------------------------------------------------------------------------ plots
+def _grid(seeds: dict[int, Run], key: str) -> tuple[list[float], list[list[float]]]:
+    """x (mean over seeds) and the seeds' losses at the eval steps all seeds share."""
+    steps = sorted(set.intersection(*({e["step"] for e in r.eval} for r in seeds.values())))
+    xs, ys = [], []
+    for step in steps:
+        rows = [next(e for e in r.eval if e["step"] == step) for r in seeds.values()]
+        x = [r.calibrated.get(step) if key == "calibrated" else e[key] for r, e in zip(seeds.values(), rows)]
+        if any(v is None for v in x):
+            continue
+        xs.append(sum(x) / len(x))
+        ys.append([e["val_loss"] for e in rows])
+    return xs, ys
+
+
+def _zoom(ax, values: list[float]) -> None:
+    """Skip the initial loss drop so the differences between methods are visible."""
+    tail = sorted(values)[: max(1, int(len(values) * 0.75))]
+    if tail:
+        ax.set_ylim(min(tail) - 0.05, max(tail) + 0.3)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
     out, acc = [], 0.0
     for i, v in enumerate(values):
         acc += v - (values[i - window] if i >= window else 0.0)
@@ -46,92 +324,83 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def make_report(root: str | Path) -> Path:
-    root = Path(root)
-    runs_dir = root / "runs"
-    if not runs_dir.is_dir():
-        raise RaptrError(f"no runs under {root}: run `raptr compare --config ...` first")
-    runs = [read_run(d) for d in sorted(runs_dir.iterdir()) if (d / "summary.json").is_file()]
-    if not runs:
-        raise RaptrError(f"no finished runs under {runs_dir}: let `raptr compare` finish (it resumes) first")
-    meta = json.loads((root / "compare.json").read_text()) if (root / "compare.json").is_file() else {}
-    baseline_name = meta.get("baseline", "baseline")
-    base = next((r for r in runs if r["name"] == baseline_name), runs[0])
-    seeds = [r for r in runs if r["name"] == baseline_name or r["name"].startswith(baseline_name + "-seed")]
-    budget = min(r["summary"]["flops"] for r in runs)  # every run has spent at least this much
-
-    lines = [f"# Comparison: {meta.get('name', root.name)}", "",
-             f"Base config `{meta.get('base', '?')}`; overrides `{' '.join(meta.get('overrides', [])) or '-'}`.",
-             f"Regenerate with `raptr report {root}`.", "",
-             "| method | steps | rel. FLOPs | wall-clock (s) | wall-clock vs baseline | final val loss | val loss at equal FLOPs |",
-             "|---|---|---|---|---|---|---|"]
-    for r in runs:
-        s, b = r["summary"], base["summary"]
-        at_budget = loss_at_flops(r["eval"], budget)
-        lines.append(f"| {r['name']} ({s['method']}) | {s['steps']} | {s['flops'] / b['flops']:.3f} | {s['train_seconds']:.1f} "
-                     f"| {s['train_seconds'] / b['train_seconds']:.3f} | {s['final_val_loss']:.4f} "
-                     f"| {'-' if at_budget is None else f'{at_budget:.4f}'} |")
-    lines += ["", f"*rel. FLOPs*: training FLOPs (exact, from the layers actually run) over those of the baseline run "
-              f"`{base['name']}`. *Equal FLOPs*: {budget:.3e}, the smallest budget among the runs; loss interpolated "
-              "between evaluations. Stacking's loss is that of the model as grown so far."]
-    if len(seeds) >= 2:
-        finals = [r["summary"]["final_val_loss"] for r in seeds]
-        spread = max(finals) - min(finals)
-        lines += ["", f"**Seed-to-seed spread of the baseline** ({len(seeds)} seeds: "
-                  f"{', '.join(f'{v:.4f}' for v in finals)}): range {spread:.4f}, std {statistics.stdev(finals):.4f}. "
-                  "Differences between methods smaller than this range are within noise."]
-    lines += ["", "## Plots", ""] + [f"![{title}]({name})  \n*{title}*" for name, title in PLOTS.items()]
-    report = root / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    _plots(runs, root)
-    return report
-
-
-def _plots(runs: list[dict], root: Path) -> None:
+def _plots(ev: dict, runs: list[Run], by_arm: dict[str, dict[int, Run]], root: Path) -> None:
+    arms = [a["arm"] for a in ev["arms"]]
+    colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
+    wall_key = "calibrated" if all(r.calibrated for r in runs) else "train_seconds"
     for key, xlabel, name in [("flops", "training FLOPs", "val_loss_vs_flops.png"),
-                              ("train_seconds", "training wall-clock (s)", "val_loss_vs_wallclock.png"),
-                              ("step", "optimizer step", "val_loss_vs_step.png")]:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in runs:
-            ax.plot([e[key] for e in r["eval"]], [e["val_loss"] for e in r["eval"]], marker=".", label=r["name"])
-        ax.set(xlabel=xlabel, ylabel="full-model validation loss", title=PLOTS[name])
-        _zoom(ax, runs)
+                              ("step", "optimizer step", "val_loss_vs_step.png"),
+                              (wall_key, "training wall-clock (s, " + ("calibrated" if wall_key == "calibrated" else "raw") + ")",
+                               "val_loss_vs_wallclock.png")]:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        shown = []
+        for arm in arms:
+            xs, ys = _grid(by_arm[arm], key)
+            if not xs:
+                continue
+            mean = [sum(y) / len(y) for y in ys]
+            ax.plot(xs, mean, marker=".", ms=3, color=colors[arm], label=f"{arm} (n={len(by_arm[arm])})")
+            if len(by_arm[arm]) > 1 and key != wall_key:
+                ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=colors[arm], alpha=0.2)
+            shown += mean
+        ax.set(xlabel=xlabel, ylabel="full-model validation loss", title=PLOTS[name].split(" (")[0])
+        _zoom(ax, shown)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(root / name, dpi=110)
-        plt.close(fig)
+        _save(fig, root / name)
 
-    staged = [r for r in runs if len({t["stage"] for t in r["train"]}) > 1]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    base = by_arm.get(ev["baseline"], {})
+    for arm in arms:
+        if arm == ev["baseline"]:
+            continue
+        grid, diffs = None, []
+        for seed, run in by_arm[arm].items():
+            ref = base.get(seed)
+            if ref is None:
+                continue
+            xs = [e["flops"] for e in ref.eval][1:]
+            mine = [interpolate([e["flops"] for e in run.eval], [e["val_loss"] for e in run.eval], x) for x in xs]
+            keep = [(x, m - e["val_loss"]) for x, m, e in zip(xs, mine, ref.eval[1:]) if m is not None]
+            grid = [x for x, _ in keep] if grid is None or len(keep) < len(grid) else grid
+            diffs.append([d for _, d in keep])
+        if not diffs or not grid:
+            continue
+        n = len(diffs)
+        cols = [[d[i] for d in diffs] for i in range(len(grid))]
+        mean = [sum(c) / n for c in cols]
+        ax.plot(grid, mean, color=colors[arm], label=f"{arm} − {ev['baseline']} (n={n})")
+        if n > 1:
+            half = [t975(n - 1) * mean_std(c)[1] / math.sqrt(n) for c in cols]
+            ax.fill_between(grid, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
+                            color=colors[arm], alpha=0.15)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(xlabel="training FLOPs", ylabel="val loss difference (nats)", title=PLOTS["paired_difference.png"].split(" (")[0])
+    ax.set_ylim(-0.4, 0.6)
+    ax.legend(fontsize=8)
+    _save(fig, root / "paired_difference.png")
+
+    firsts = [by_arm[a][min(by_arm[a])] for a in arms]
+    staged = [r for r in firsts if len({t["stage"] for t in r.train}) > 1]
     fig, axes = plt.subplots(1, max(1, len(staged)), figsize=(5 * max(1, len(staged)), 4), squeeze=False)
     for ax, r in zip(axes[0], staged):
-        steps, losses = [t["step"] for t in r["train"]], [t["loss"] for t in r["train"]]
+        steps, losses = [t["step"] for t in r.train], [t["loss"] for t in r.train]
         ax.plot(steps, losses, lw=0.5, alpha=0.4, color="gray", label="per step")
-        ax.plot(steps, smooth(losses, 10), lw=1.2, label="mean of 10 steps")
-        for i in range(1, len(r["train"])):
-            if r["train"][i]["stage"] != r["train"][i - 1]["stage"]:
-                ax.axvline(r["train"][i]["step"] - 0.5, color="red", ls="--", lw=0.8)
-        ax.set(title=f"{r['name']}: train loss (stage changes dashed)", xlabel="step", ylabel="training loss")
+        ax.plot(steps, _smooth(losses, 10), lw=1.2, label="mean of 10 steps")
+        for i in range(1, len(r.train)):
+            if r.train[i]["stage"] != r.train[i - 1]["stage"]:
+                ax.axvline(r.train[i]["step"] - 0.5, color="red", ls="--", lw=0.8)
+        ax.set(title=f"{r.label}: train loss (stage changes dashed)", xlabel="step", ylabel="training loss")
         lo = min(losses[len(losses) // 5:] or losses)
         ax.set_ylim(lo - 0.2, lo + 1.5)
         ax.legend(fontsize=8)
     if not staged:
         axes[0][0].text(0.5, 0.5, "no run with stages", ha="center")
-    fig.tight_layout()
-    fig.savefig(root / "train_loss_transitions.png", dpi=110)
-    plt.close(fig)
+    _save(fig, root / "train_loss_transitions.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in runs:
-        ax.plot([t["step"] for t in r["train"]], smooth([float(t["layers_run"]) for t in r["train"]], 20), label=r["name"])
-    ax.set(xlabel="step", ylabel="layers run (mean of 20 steps)", title=PLOTS["path_length.png"])
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for r in firsts:
+        ax.plot([t["step"] for t in r.train], _smooth([float(t["layers_run"]) for t in r.train], 20), label=r.label,
+                color=colors[r.arm])
+    ax.set(xlabel="step", ylabel="layers run (mean of 20 steps)", title=PLOTS["path_length.png"].split(" (")[0])
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "path_length.png", dpi=110)
-    plt.close(fig)
-
-
-def _zoom(ax, runs: list[dict]) -> None:
-    """Skip the initial loss drop so the differences between methods are visible."""
-    tails = [e["val_loss"] for r in runs for e in r["eval"][len(r["eval"]) // 4:]]
-    if tails:
-        ax.set_ylim(min(tails) - 0.1, max(tails) + 0.3)
+    _save(fig, root / "path_length.png")

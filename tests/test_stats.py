@@ -1,0 +1,54 @@
+"""The statistics behind every verdict, against values computed by hand."""
+
+import math
+
+import pytest
+
+from raptr.experiments.stats import decisive, first_crossing, interpolate, mean_std, paired_difference, t975, verdict
+
+
+def test_paired_difference_and_t_interval_by_hand():
+    # diffs 0.5, 1.0, 1.0: mean 5/6; sample std sqrt(((-1/3)^2 + 2 (1/6)^2) / 2) = sqrt(1/12);
+    # half-width t_{0.975, 2} * std / sqrt(3) = 4.3027 * sqrt(1/12) / sqrt(3) = 4.3027 / 6.
+    d = paired_difference({0: 1.0, 1: 2.0, 2: 3.0, 7: 9.0}, {0: 0.5, 1: 1.0, 2: 2.0})
+    assert d["n"] == 3 and d["seeds"] == [0, 1, 2]  # seed 7 has no partner
+    assert d["mean_diff"] == pytest.approx(5 / 6)
+    assert d["std"] == pytest.approx(math.sqrt(1 / 12))
+    assert d["half_width"] == pytest.approx(4.3027 / 6)
+    assert d["ci95"] == pytest.approx([5 / 6 - 4.3027 / 6, 5 / 6 + 4.3027 / 6])
+    assert verdict(d) == "worse" and decisive(d)
+
+
+def test_verdicts_from_the_interval():
+    better = paired_difference({0: 1.00, 1: 1.01, 2: 1.02}, {0: 1.10, 1: 1.10, 2: 1.13})  # diffs -.10 -.09 -.11
+    assert better["ci95"][1] < 0 and verdict(better) == "better"
+    unclear = paired_difference({0: 1.0, 1: 1.2}, {0: 1.1, 1: 1.1})  # diffs -0.1, +0.1: mean 0, std 0.1414
+    assert unclear["mean_diff"] == pytest.approx(0.0)
+    assert unclear["half_width"] == pytest.approx(12.7062 * math.sqrt(0.02) / math.sqrt(2))
+    assert verdict(unclear).startswith("no detectable difference (±1.271)") and not decisive(unclear)
+    one = paired_difference({0: 1.0}, {0: 2.0})
+    assert one["mean_diff"] == -1.0 and one["ci95"] is None and verdict(one) == "one seed: no interval"
+    assert verdict(paired_difference({0: 1.0}, {1: 1.0})) == "no paired runs"
+
+
+def test_t_quantiles_and_mean_std():
+    assert t975(1) == 12.7062 and t975(2) == 4.3027 and t975(30) == 2.0423
+    assert t975(22) == t975(20)  # between tabled values: the next lower df (a slightly wider interval)
+    assert t975(1000) == 1.96
+    with pytest.raises(ValueError):
+        t975(0)
+    assert mean_std([2.0, 4.0, 6.0]) == (4.0, 2.0)
+    assert mean_std([3.0]) == (3.0, None)
+
+
+def test_time_to_target_interpolation():
+    flops, losses = [0.0, 10.0, 20.0, 30.0], [5.0, 4.0, 3.0, 2.0]
+    assert first_crossing(flops, losses, 3.5) == pytest.approx(15.0)  # halfway between 4.0 and 3.0
+    assert first_crossing(flops, losses, 3.0) == pytest.approx(20.0)
+    assert first_crossing(flops, losses, 2.25) == pytest.approx(27.5)
+    assert first_crossing(flops, losses, 6.0) == 0.0  # already there at the start
+    assert first_crossing(flops, losses, 1.0) is None  # never reached
+    # the first crossing counts, even if the loss rises again afterwards
+    assert first_crossing([0, 1, 2, 3], [3.0, 1.0, 2.5, 0.5], 2.0) == pytest.approx(0.5)
+    assert interpolate([0, 10, 20], [1.0, 2.0, 4.0], 15) == pytest.approx(3.0)
+    assert interpolate([0, 10], [1.0, 2.0], 11) is None and interpolate([0, 10], [1.0, 2.0], 10) == 2.0
