@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH ?= torch==2.13.0
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install test test-slow test-all demo bench clean
+.PHONY: install test test-slow test-all demo bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/skip_speed.py
+
+# On a CUDA machine whose Python has torch + transformers (no venv, no install): <= 8 minutes.
+GPU_OUT ?= docs/results/gpu
+bench-gpu:
+	PYTHONPATH=src $(PY) benchmarks/gpu_suite.py --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) runs results .pytest_cache
