@@ -381,7 +381,7 @@ class Suite:
                 lines += [f"{sec.get('skipped') or sec.get('error')}", ""]
                 continue
             if name == "correctness":
-                lines += [f"| check | result |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sec.items() if k != "seconds"] + [""]
+                lines += ["| check | result |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sec.items() if k != "seconds"] + [""]
             elif name == "skip speed":
                 for size, d in sec.items():
                     if not isinstance(d, dict):

@@ -155,28 +155,47 @@ def test_kill_during_checkpoint_save_keeps_previous_checkpoint_loadable(tmp_path
     assert interrupted_saves >= 1  # at least one kill really landed inside a save
 
 
-def test_corrupt_checkpoint_gives_one_clear_error(tmp_path, data_cache):
-    cfg = tiny_config(tmp_path, data_cache, "train.steps=4", "train.checkpoint_every=2")
+def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_used(tmp_path, data_cache):
+    cfg = tiny_config(tmp_path, data_cache, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3")
     build_trainer(cfg, progress=False).fit()
-    last = checkpoint_dirs(tmp_path / "run" / "checkpoints")[-1]
-    (last / "model.safetensors").write_bytes(b"garbage")
+    straight = train_losses(tmp_path / "run")
+    ckpts = checkpoint_dirs(tmp_path / "run" / "checkpoints")
+    blob = bytearray((ckpts[-1] / "model.safetensors").read_bytes())
+    blob[-5] ^= 0x10  # one flipped bit in the weight data: loads fine, only the checksum sees it
+    (ckpts[-1] / "model.safetensors").write_bytes(bytes(blob))
+    (ckpts[-2] / "state.pt").write_bytes(b"garbage")  # and the one before is truncated
+    (tmp_path / "run" / "summary.json").unlink()
     result = raptr_cli("train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}",
-                       "data.sources=austen", "train.steps=4", "train.checkpoint_every=2", f"train.out_dir={tmp_path}/run")
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: checkpoint") and "unreadable" in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+                       "data.sources=austen", "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3",
+                       f"train.out_dir={tmp_path}/run")
+    assert result.returncode == 0, result.stderr
+    assert "does not match its checksum" in result.stderr and "resuming from step_0000002" in result.stderr
+    assert "Traceback" not in result.stderr
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert "corrupt-step_0000006" in names and "corrupt-step_0000004" in names  # set aside, not deleted
+    assert train_losses(tmp_path / "run") == straight  # redone from step 2: the same losses
 
 
-def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, data_cache):
+def test_nonfinite_steps_are_not_applied_and_every_checkpoint_is_finite(tmp_path, data_cache):
     args = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "data.sources=austen",
-            "train.steps=60", "train.checkpoint_every=2", "optim.warmup_steps=0", "optim.grad_clip=0", "optim.lr=1e9",
-            "optim.weight_decay=0", f"train.out_dir={tmp_path}/run"]
+            "train.steps=30", "train.checkpoint_every=1", "train.keep_checkpoints=50", "optim.lr=1e6",
+            f"train.out_dir={tmp_path}/run"]
     result = raptr_cli(*args)
     assert result.returncode == 2, result.stderr
-    assert "training loss became" in result.stderr and "Traceback" not in result.stderr
+    assert "non-finite steps in a row" in result.stderr and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
     kept = checkpoint_dirs(tmp_path / "run" / "checkpoints")
-    for path in kept:  # whatever was kept is loadable
-        load_state(path)
+    assert kept and any(p.name.startswith("nonfinite-") for p in (tmp_path / "run" / "checkpoints").iterdir())
+    model = build_trainer(tiny_config(tmp_path, data_cache, "train.steps=30"), progress=False).model
+    for path in kept:  # "last good" is true: every kept checkpoint holds finite weights
+        load_weights(path, model)
+        assert all(torch.isfinite(p).all() for p in model.parameters()), path
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]  # strict JSON
+    assert any(r.get("skipped") for r in rows)
+    resumed = raptr_cli(*[a.replace("optim.lr=1e6", "optim.lr=1e-3") for a in args])  # the advised recovery works
+    assert resumed.returncode in (0, 3), resumed.stderr
+    assert "resuming at step" in resumed.stderr and "optim.lr: 1000000.0 -> 0.001" in resumed.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 30
 
 
 @pytest.mark.parametrize(
@@ -223,5 +242,5 @@ def test_missing_source_path_is_a_clean_error(tmp_path):
 def test_other_config_in_same_out_dir_is_refused(tmp_path, data_cache):
     build_trainer(tiny_config(tmp_path, data_cache, "train.steps=2", "train.checkpoint_every=2"), progress=False).fit()
     result = raptr_cli("train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}",
-                       "data.sources=austen", "train.steps=2", "optim.lr=0.1", f"train.out_dir={tmp_path}/run")
-    assert result.returncode == 2 and "holds a run with a different config" in result.stderr, result.stderr
+                       "data.sources=austen", "train.steps=2", "train.seed=5", f"train.out_dir={tmp_path}/run")
+    assert result.returncode == 2 and "holds a run with a different config (train.seed: 0 -> 5)" in result.stderr, result.stderr

@@ -33,6 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = build_trainer(cfg, progress=not args.quiet)
     if trainer.is_main:
         console.print(f"[bold]{cfg.name}[/]: method={cfg.method.name}, {cfg.train.steps} steps -> {trainer.out_dir}")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise RaptrError(f"--stop-after {args.stop_after}: give a number of steps >= 1")
     try:
         summary = trainer.fit(resume=not args.no_resume, fresh=args.fresh, stop_after=args.stop_after)
     except KeyboardInterrupt:
@@ -44,6 +46,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         shutdown(trainer.dist)
     if summary:  # rank 0 only under torchrun
         print_summary(summary)
+        if summary.get("diverged"):
+            print(f"warning: the run diverged ({summary['warnings'][-1]}): see {trainer.out_dir / 'metrics.jsonl'}",
+                  file=sys.stderr)
+            return 3
     return 0
 
 
@@ -210,8 +216,15 @@ EXPERIMENTS = {"polynomial": "polynomial", "stability": "stability", "schedules"
 
 
 # ------------------------------------------------------------------------------------ main
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``error:`` line (with where to look), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raptr", description="Progressive subnetwork pretraining (RaPTr).")
+    parser = Parser(prog="raptr", description="Progressive subnetwork pretraining (RaPTr).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="pretrain a model with a method", epilog=_config_help(),
@@ -278,15 +291,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 a user error (one ``error:`` line), 3 finished but diverged, 128+N stopped
+    by signal N with a checkpoint, 1 a bug (one line; the traceback goes to a file)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "plan" and args.schedule is None and args.target is None:
-        parser.error("plan needs --schedule or --target")
     try:
+        args, extra = parser.parse_known_args(argv)
+        stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        if extra:  # key=value overrides placed after an option: accepted anywhere on the line
+            args.overrides = list(args.overrides) + extra
+        if args.command == "plan" and args.schedule is None and args.target is None:
+            parser.error("plan needs --schedule or --target")
         return args.func(args)
     except RaptrError as e:
-        print(f"error: {e}", file=sys.stderr)
+        first = (str(e).splitlines() or [""])[0]
+        if hasattr(e, "exit_code"):  # preempted: a checkpoint was written
+            print(first, file=sys.stderr)
+            return e.exit_code
+        print(f"error: {first}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing lost (a started run resumes from its last checkpoint)", file=sys.stderr)
+        return 130
+    except Exception as e:  # last resort: never a raw traceback on the user's screen
+        return _unexpected(e)
+
+
+def _unexpected(e: Exception) -> int:
+    import os
+    import tempfile
+    import traceback
+
+    if os.environ.get("RAPTR_TRACEBACK"):
+        traceback.print_exc()
+        return 1
+    fd, path = tempfile.mkstemp(prefix="raptr-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        traceback.print_exc(file=f)
+    detail = (str(e).splitlines() or [""])[0][:200]
+    print(f"error: unexpected {type(e).__name__}: {detail} (a bug in raptr: the traceback is in {path}; "
+          "set RAPTR_TRACEBACK=1 to print it)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ def decay_groups(model: "nn.Module") -> tuple[list, list]:
 
 class Method:
     name = "method"
+    # Whether a run may be extended (``train.steps`` raised on resume): only methods whose schedule
+    # does not depend on the total number of steps.
+    extendable = False
 
     def attach(self, context: TrainingContext) -> None:
         self.context = context
@@ -81,6 +84,7 @@ class Standard(Method):
     """Standard training: every step trains the full model."""
 
     name = "standard"
+    extendable = True
 
     def begin_step(self, step: int) -> StepInfo:
         return StepInfo(0, len(self.layers))

@@ -52,6 +52,7 @@ class LayerDrop(Method):
     """Constant-probability layer dropping (name ``"layerdrop"``)."""
 
     name = "layerdrop"
+    extendable = True  # a constant rate: nothing depends on the run length
 
     def __init__(self, options: LayerDropOptions | None = None):
         if options is None:

@@ -1,11 +1,16 @@
 """Checkpoints: ``step_XXXXXXX/`` with safetensors weights and a torch file of training state.
 
 Written into a temporary directory, completed with a ``DONE`` marker, then renamed into place,
-so a kill at any moment leaves the previous checkpoint whole. Only the last K are kept.
+so a kill at any moment leaves the previous checkpoint whole. Only the last K are kept. Each
+checkpoint carries the SHA-256 of its files (``checksums.json``), verified before loading, so
+flipped bits are found instead of loaded; a damaged checkpoint can be set aside (renamed to
+``corrupt-step_N``, never deleted) and the one before it used.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +22,49 @@ from torch import nn
 from raptr.errors import RaptrError
 
 PREFIX = "step_"
+FILES = ("model.safetensors", "state.pt")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise a RaptrError naming the damage if a file of the checkpoint differs from its checksum
+    (checkpoints written before checksums existed are checked by parsing their weights)."""
+    sums_file = path / "checksums.json"
+    if not sums_file.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path / "model.safetensors"), "pt") as f:
+                f.keys()
+        except Exception as e:
+            raise _unreadable(path, e) from None
+        return
+    try:
+        sums = json.loads(sums_file.read_text())
+    except (OSError, ValueError) as e:
+        raise _unreadable(path, e) from None
+    for name in FILES:
+        if not (path / name).is_file():
+            raise RaptrError(f"checkpoint {path} is damaged: {name} is missing")
+        if _sha256(path / name) != sums.get(name):
+            raise RaptrError(f"checkpoint {path} is damaged: {name} does not match its checksum")
+
+
+def set_aside(path: Path, why: str = "corrupt") -> Path:
+    """Rename a damaged checkpoint out of the way (kept for inspection, never deleted)."""
+    target = path.with_name(f"{why}-{path.name}")
+    n = 1
+    while target.exists():
+        target, n = path.with_name(f"{why}-{path.name}.{n}"), n + 1
+    os.replace(path, target)
+    return target
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -40,6 +88,8 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict, keep: 
         names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
         save_file({k: v.detach().contiguous() for k, v in weights.items() if k in names}, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
+    sums = {name: _sha256(tmp / name) for name in FILES}
+    (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
     (tmp / "DONE").write_text(str(step))
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. the end of a resumed, finished run)
@@ -55,10 +105,8 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict, keep: 
 
 
 def _unreadable(path: Path, e: Exception) -> RaptrError:
-    return RaptrError(
-        f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
-        "delete that directory to resume from the one before, or start afresh with --no-resume"
-    )
+    detail = (str(e).splitlines() or [""])[0][:120]
+    return RaptrError(f"checkpoint {path} is unreadable ({type(e).__name__}: {detail})")
 
 
 def load_state(path: Path) -> dict:

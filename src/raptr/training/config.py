@@ -91,6 +91,7 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2, one unit per block); batch_size is the global batch
     compile: bool = False  # torch.compile each block (the path choice stays in eager Python)
     path_check_every: int = 50  # under torchrun: all-reduce a hash of the path every N steps
+    max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient (none is applied)
     out_dir: str = "runs/{name}"
 
 
@@ -244,7 +245,8 @@ def validate(cfg: RunConfig) -> None:
             raise RaptrError(f"'{key}' is {flat[key]!r}: use one of {', '.join(allowed)}")
     positive = ["model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "data.vocab_size", "data.seq_len",
                 "train.steps", "train.batch_size", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-                "train.keep_checkpoints", "train.log_every", "train.path_check_every", "optim.lr", "optim.grad_accum"]
+                "train.keep_checkpoints", "train.log_every", "train.path_check_every", "optim.lr", "optim.grad_accum",
+                "train.max_nonfinite_steps"]
     for key in positive:
         if flat[key] <= 0:
             raise RaptrError(f"'{key}' must be positive, got {flat[key]}")

@@ -9,11 +9,13 @@ run killed at any step and resumed gives bitwise-identical losses on CPU.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -28,11 +30,30 @@ from raptr.flops import ModelFlops
 from raptr.methods.base import Method, TrainingContext, decay_groups
 from raptr.models.registry import find_layer_stack
 from raptr.training import distributed as D
-from raptr.training.checkpoint import checkpoint_dirs, load_state, load_weights, save_checkpoint
+from raptr.training.checkpoint import checkpoint_dirs, load_state, load_weights, save_checkpoint, set_aside, verify_checkpoint
 from raptr.training.config import OptimConfig, RunConfig, flatten, to_dict
+from raptr.training.runfiles import RunLock, append_jsonl, read_json, read_jsonl, truncate_jsonl, write_json_atomic
 
 # Streams of step_generator: keep the objective's and the evaluation's randomness apart.
 OBJECTIVE_STREAM, EVAL_STREAM = 1, 2
+
+# Keys that may differ from the checkpoint's config when resuming: the recovery from a divergence
+# (learning rate and its schedule), bookkeeping intervals, and where the run lives. ``train.steps``
+# may change too when the method's schedule does not depend on it (``Method.extendable``).
+SAFE_ON_RESUME = {
+    "optim.lr", "optim.warmup_steps", "optim.decay", "optim.min_lr_ratio", "optim.grad_clip",
+    "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+    "train.out_dir", "train.path_check_every", "train.threads", "train.max_nonfinite_steps",
+}
+DIVERGENCE_WINDOW, DIVERGENCE_RISE = 20, 1.0  # mean loss of 20 steps 1 nat above its best: diverging
+
+
+class Preempted(RaptrError):
+    """SIGTERM/SIGINT stopped the run at a step boundary, after writing a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def lr_at(step: int, total: int, opt: OptimConfig) -> float:
@@ -114,8 +135,12 @@ class Trainer:
         self.context.optimizer = self.optimizer
         self.step = 0
         self.git_commit = git_commit()  # of the code this run imported
-        self.counters = {"flops": 0.0, "full_flops": 0.0, "tokens": 0, "train_seconds": 0.0, "layer_passes": 0}
+        self.counters = {"flops": 0.0, "full_flops": 0.0, "tokens": 0, "train_seconds": 0.0, "layer_passes": 0,
+                         "nonfinite_steps": 0}
+        self.warnings: list[str] = []
         self._tb = None
+        self._changes: dict = {}
+        self._signal: int | None = None
 
     def _wrap(self) -> nn.Module:
         self._n_params = len(list(self.model.parameters()))
@@ -161,6 +186,12 @@ class Trainer:
         return None, self.optimizer.state_dict()
 
     def _save(self) -> Path | None:
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:  # never write (or call good) a checkpoint with NaN/inf weights
+            last = checkpoint_dirs(self.ckpt_dir)
+            raise RaptrError(f"weights became non-finite by step {self.step} ({len(bad)} tensors, e.g. {bad[0]}); no checkpoint "
+                             f"was written from them and {'the last good one ' + str(last[-1]) + ' is kept' if last else 'none exists yet'}: "
+                             "lower optim.lr (allowed on resume) and run the same command again")
         weights, optimizer_state = self._full_states()
         if not self.is_main:
             D.barrier(self.dist)
@@ -172,6 +203,7 @@ class Trainer:
             "counters": dict(self.counters),
             "torch_rng": torch.get_rng_state(),
             "config": to_dict(self.cfg),
+            "warnings": list(self.warnings),
         }
         path = save_checkpoint(self.ckpt_dir, self.step, self.model, state, self.cfg.train.keep_checkpoints, weights)
         D.barrier(self.dist)
@@ -181,8 +213,22 @@ class Trainer:
         found = checkpoint_dirs(self.ckpt_dir)
         if not found:
             return False
-        path = found[-1]
-        state = load_state(path)
+        path, state, damaged = None, None, []
+        for candidate in reversed(found):  # newest first; a damaged one is set aside, the one before used
+            try:
+                verify_checkpoint(candidate)
+                path, state = candidate, load_state(candidate)
+                break
+            except RaptrError as e:
+                damaged.append((candidate, e))
+        if path is None:
+            raise RaptrError(f"every checkpoint under {self.ckpt_dir} is damaged ({damaged[0][1]}): "
+                             "pass --fresh to start the run over")
+        if self.is_main:
+            for bad, e in damaged:
+                moved = set_aside(bad)
+                self._warn(f"{e}: set aside as {moved.name}; resuming from {path.name}")
+        D.barrier(self.dist)
         self.method.load_state_dict(state["method"])  # may reshape the model (stacking) first
         if self.dist.enabled and self.cfg.train.parallel == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
@@ -199,46 +245,67 @@ class Trainer:
             self.context.optimizer = self.optimizer
             self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        self.step, self.counters = state["step"], dict(state["counters"])
+        self.step, self.counters = state["step"], {"nonfinite_steps": 0, **state["counters"]}
+        self.warnings = list(state.get("warnings", [])) + self.warnings
         return True
 
     def _check_config(self, fresh: bool) -> None:
-        """Refuse to mix two different runs in one directory (that would lose the first)."""
+        """Refuse to mix two different runs in one directory (that would lose the first); allow the
+        SAFE_ON_RESUME changes, which are recorded in the log."""
         saved = self.out_dir / "config.json"
         mine = to_dict(self.cfg)
         if fresh:
             for name in ("checkpoints", "metrics.jsonl", "tb", "summary.json", "config.json"):
                 target = self.out_dir / name
                 shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-        elif saved.is_file():
-            old = json.loads(saved.read_text())
-            diff = [k for k in flatten(mine) if flatten(old).get(k) != flatten(mine)[k] and k not in ("train.log_every",)]
-            if diff and checkpoint_dirs(self.ckpt_dir):
-                shown = ", ".join(f"{k}: {flatten(old).get(k)!r} -> {flatten(mine)[k]!r}" for k in diff[:3])
+        elif checkpoint_dirs(self.ckpt_dir):
+            old = read_json(saved)
+            if not isinstance(old, dict):  # truncated or damaged: the checkpoint holds the config too
+                old = load_state(checkpoint_dirs(self.ckpt_dir)[-1]).get("config", {})
+                self._warn(f"{saved} was damaged; rewritten from the newest checkpoint's config")
+            before, now = flatten(old), flatten(mine)
+            diff = [k for k in now if before.get(k) != now[k]]
+            allowed = SAFE_ON_RESUME | ({"train.steps"} if self.method.extendable else set())
+            unsafe = [k for k in diff if k not in allowed]
+            if unsafe:
+                shown = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in unsafe[:3])
+                why = (f"; {self.method.name}'s schedule depends on train.steps, so it cannot be extended"
+                       if unsafe == ["train.steps"] else "")
                 raise RaptrError(
-                    f"{self.out_dir} holds a run with a different config ({shown}): resume with its config, "
-                    "pick another train.out_dir, or pass --fresh to discard it"
+                    f"{self.out_dir} holds a run with a different config ({shown}){why}: resume with its config "
+                    f"(changes allowed on resume: {', '.join(sorted(allowed))}), pick another train.out_dir, "
+                    "or pass --fresh to discard it"
                 )
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(mine, indent=2))
+            self._changes = {k: [before.get(k), now[k]] for k in diff}
+        write_json_atomic(saved, mine)
 
     # ---------------------------------------------------------------- logging
     def _log(self, record: dict) -> None:
         if not self.is_main:
             return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is not None and (record["kind"] == "eval" or record["step"] % self.cfg.train.log_every == 0):
+        append_jsonl(self.out_dir / "metrics.jsonl", record)
+        if self._tb is not None and record["kind"] in ("train", "eval") and (
+                record["kind"] == "eval" or record["step"] % self.cfg.train.log_every == 0):
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
                     self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def _warn(self, message: str) -> None:
+        """A warning for the log, the progress bar's stream and the summary."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+        if self.is_main:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
+            if (self.out_dir / "metrics.jsonl").parent.is_dir():
+                append_jsonl(self.out_dir / "metrics.jsonl", {"kind": "warning", "step": self.step, "message": message})
 
     def _truncate_log(self) -> None:
         """After a resume, drop log lines written after the checkpoint (they will be redone)."""
         path = self.out_dir / "metrics.jsonl"
         if path.is_file():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in keep))
+            torn = truncate_jsonl(path, self.step)
+            if torn:
+                self._warn(f"{path} had {torn} unreadable line(s) (a torn write): dropped")
 
     def _open_tensorboard(self) -> None:
         try:
@@ -281,19 +348,51 @@ class Trainer:
             deadline: float | None = None) -> dict:
         """Train to ``train.steps`` (or stop after ``stop_after`` more steps, or at the first step boundary
         after the ``time.time()`` ``deadline``, with a checkpoint to resume from); returns the summary."""
+        lock = None
+        if self.is_main:
+            if self.out_dir.exists() and not self.out_dir.is_dir():
+                raise RaptrError(f"train.out_dir {self.out_dir} is a file: give a directory path")
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(self.out_dir).acquire()
+        handlers = self._catch_signals()
+        try:
+            return self._fit(resume, fresh, stop_after, deadline)
+        finally:
+            for signum, old in handlers.items():
+                signal.signal(signum, old)
+            if lock is not None:
+                lock.release()
+
+    def _catch_signals(self) -> dict:
+        """SIGTERM (what SLURM/Kubernetes send before a kill) and SIGINT: finish the step, checkpoint, stop."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            self._signal = signum
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _fit(self, resume: bool, fresh: bool, stop_after: int | None, deadline: float | None) -> dict:
         cfg = self.cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        if self.is_main:
-            self._check_config(fresh)
-        D.barrier(self.dist)
         if not resume and not fresh and checkpoint_dirs(self.ckpt_dir):
             raise RaptrError(f"{self.out_dir} has checkpoints and --no-resume would overwrite them: drop --no-resume to "
                              "continue that run, pass --fresh to discard it, or pick another train.out_dir")
+        if self.is_main:
+            self._check_config(fresh)
+        D.barrier(self.dist)
         resumed = resume and self._resume()
         if self.is_main:
             self._truncate_log() if resumed else (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
             self._open_tensorboard()
+            if resumed and self._changes:
+                self._log({"kind": "resume", "step": self.step, "changed": self._changes})
+                tqdm.write(f"resuming at step {self.step} with changed " + ", ".join(
+                    f"{k}: {a!r} -> {b!r}" for k, (a, b) in self._changes.items()), file=sys.stderr)
         boundaries = set(self.method.stage_boundaries())
         if not resumed:
             self._log({"kind": "eval", "step": 0, "val_loss": self.evaluate(), "stage": 0, **self.counters})
@@ -301,6 +400,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.name, disable=not (self.progress and self.is_main),
                    dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
         self.model.train()
+        recent: deque = deque(maxlen=DIVERGENCE_WINDOW)
+        best_mean, bad_in_row, first_val, preempted, streak_start = math.inf, 0, None, False, 0
         while self.step < end:
             step = self.step
             started = time.perf_counter()
@@ -315,15 +416,17 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss_value, labelled = self._train_step(step)
-            if not math.isfinite(loss_value):
-                last = checkpoint_dirs(self.ckpt_dir)
-                kept = f"the last good checkpoint {last[-1]} is kept" if last else "no checkpoint was written yet"
-                raise RaptrError(
-                    f"training loss became {loss_value} at step {step}; the run stopped and {kept}: "
-                    "lower optim.lr or raise optim.warmup_steps, then resume"
-                )
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip).item() if cfg.optim.grad_clip else 0.0
-            self.optimizer.step()
+            # The norm is measured even without clipping (max_norm=inf multiplies by exactly 1.0):
+            # a step with a non-finite loss or gradient is not applied (GradScaler-style).
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or math.inf).item()
+            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
+                bad_in_row = 0
+            else:
+                self.counters["nonfinite_steps"] += 1
+                bad_in_row += 1
+                streak_start = step if bad_in_row == 1 else streak_start
             self.optimizer.zero_grad(set_to_none=True)  # skipped layers keep grad=None: AdamW leaves them alone
 
             self.step += 1
@@ -335,32 +438,81 @@ class Trainer:
             self.counters["train_seconds"] += time.perf_counter() - started
             extra = {k: v for k, v in info.extra.items() if isinstance(v, (int, float))}  # e.g. PLD's theta
             self._log({"kind": "train", "step": self.step, "loss": loss_value, "lr": lr, "stage": info.stage,
-                       "layers_run": info.layers_run, "grad_norm": grad_norm, **extra, **self.counters})
+                       "layers_run": info.layers_run, "grad_norm": grad_norm, **extra, **self.counters,
+                       **({} if finite else {"skipped": True})})
+            if not finite:
+                if bad_in_row >= cfg.train.max_nonfinite_steps:
+                    raise RaptrError(
+                        f"{bad_in_row} non-finite steps in a row from step {streak_start} (loss {loss_value}, grad norm "
+                        f"{grad_norm}), none applied; the run stopped and {self._drop_checkpoint_at(streak_start)}: lower "
+                        "optim.lr or raise optim.warmup_steps (both allowed on resume) and run the same command again")
+                self._warn(f"step {step}: non-finite loss or gradient (loss {loss_value}, grad norm {grad_norm}); "
+                           "the update was not applied")
+            else:
+                recent.append(loss_value)
+                if len(recent) == recent.maxlen:
+                    mean = sum(recent) / len(recent)
+                    if mean > best_mean + DIVERGENCE_RISE:
+                        self._warn(f"diverging: mean training loss of the last {len(recent)} steps is {mean:.3f} at step "
+                                   f"{self.step}, {mean - best_mean:.2f} above its best ({best_mean:.3f}); lower optim.lr")
+                    best_mean = min(best_mean, mean)
             saved = 1 - self.counters["flops"] / self.counters["full_flops"]
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", stage=info.stage, path=f"{info.layers_run}/{len(self.context.layers)}",
-                            saved=f"{saved:.0%}", refresh=False)
+                            saved=f"{saved:.0%}", **({"warn": len(self.warnings)} if self.warnings else {}), refresh=False)
 
             # Full-model eval every N steps, at the end, and at each stage boundary (= the loss
             # just before the transition; the next stage starts from these very weights).
             if self.step % cfg.train.eval_every == 0 or self.step in boundaries or self.step == self.total_steps:
-                self._log({"kind": "eval", "step": self.step, "val_loss": self.evaluate(), "stage": info.stage,
+                val = self.evaluate()
+                self._log({"kind": "eval", "step": self.step, "val_loss": val, "stage": info.stage,
                            "boundary": self.step in boundaries, **self.counters})
+                first_val = first_val or self._first_val()
+                if first_val is not None and (not math.isfinite(val) or val > first_val):
+                    self._warn(f"diverged: full-model val loss {val:.4g} at step {self.step} is above the untrained "
+                               f"model's {first_val:.4g}; lower optim.lr")
             if deadline is not None and time.time() > deadline and self.step < end:
                 end = self.step  # out of time: checkpoint here, resume later
-            if self.step % cfg.train.checkpoint_every == 0 or self.step == end:
+            signalled = self._signal is not None
+            if self.dist.enabled:  # every rank stops at the same step, or the collectives would hang
+                signalled = D.all_sum([float(signalled)], self.dist)[0] > 0
+            if signalled:
+                end, preempted = self.step, True
+            # No checkpoint inside a run of non-finite steps: the weights have not changed, and
+            # keeping the older checkpoints is what makes a recovery possible.
+            if bad_in_row == 0 and (self.step % cfg.train.checkpoint_every == 0 or self.step == end):
                 self._save()
         bar.close()
         if self._tb is not None:
             self._tb.close()
-        return self.summary()
+        summary = self.summary()
+        if preempted:
+            signum = self._signal or signal.SIGTERM
+            raise Preempted(f"stopped by {signal.Signals(signum).name} at step {self.step}/{self.total_steps} with a "
+                            f"checkpoint in {self.ckpt_dir}: run the same command again to resume", signum)
+        return summary
+
+    def _drop_checkpoint_at(self, step: int) -> str:
+        """Set aside the checkpoint whose weights gave the first non-finite step (finite, but ruined);
+        returns where the run now resumes from."""
+        found = checkpoint_dirs(self.ckpt_dir)
+        note = ""
+        if found and found[-1].name == f"step_{step:07d}" and self.is_main:
+            note = f"the checkpoint whose weights gave it was set aside as {set_aside(found[-1], 'nonfinite').name}; "
+            found = found[:-1]
+        return note + (f"it resumes from {found[-1].name}, the last checkpoint with finite losses" if found
+                       else "no good checkpoint exists (it starts over)")
+
+    def _first_val(self) -> float | None:
+        rows, _ = read_jsonl(self.out_dir / "metrics.jsonl") if self.is_main else ([], 0)
+        first = next((r["val_loss"] for r in rows if r["kind"] == "eval" and r["step"] == 0), None)
+        return first if isinstance(first, float) and math.isfinite(first) else None
 
     def summary(self) -> dict:
         if not self.is_main:  # the log and summary live on rank 0
             D.barrier(self.dist)
             return {}
-        evals = [json.loads(line) for line in (self.out_dir / "metrics.jsonl").read_text().splitlines()
-                 if '"kind": "eval"' in line]
+        evals = [r for r in read_jsonl(self.out_dir / "metrics.jsonl")[0] if r["kind"] == "eval"]
         c = self.counters
         summary = {
             "name": self.cfg.name, "method": self.method.name, "steps": self.step, "total_steps": self.total_steps,
@@ -370,7 +522,10 @@ class Trainer:
             "expected_relative_layer_flops": self.method.expected_relative_flops(),
             "tokens": c["tokens"], "train_seconds": c["train_seconds"],
             "git_commit": self.git_commit,
+            "nonfinite_steps": c.get("nonfinite_steps", 0),
+            "diverged": any(w.startswith(("diverg", "diverged")) for w in self.warnings),
+            "warnings": list(self.warnings),
         }
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(self.out_dir / "summary.json", summary)
         D.barrier(self.dist)
         return summary
