@@ -110,3 +110,15 @@ def test_ddp_keeps_skipped_grads_none_on_every_rank(tmp_path):
         assert all((a == "1") != (g == "1") for a, g in zip(active, grads_none)), (rank, step, active, grads_none)
     assert all(len(v) == 1 for v in steps.values())  # same path and same final weights on both ranks
     assert any("0" in next(iter(v)) for k, v in steps.items() if k != "checksum")  # some layers were skipped
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_library_api_catches_rank_seed_mismatch_without_hanging(mode):
+    script = Path(__file__).parent / "scripts" / "library_ranks.py"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run(launcher + [mode, "per-rank"], capture_output=True, text=True, env=env, timeout=180)
+    assert bad.returncode != 0
+    assert "ranks drew different layer paths at step 0" in bad.stdout, bad.stdout[-2000:] + bad.stderr[-2000:]
+    good = subprocess.run(launcher + [mode, "same"], capture_output=True, text=True, env=env, timeout=180)
+    assert good.returncode == 0 and good.stdout.count("ok") == 2, good.stdout[-2000:] + good.stderr[-2000:]

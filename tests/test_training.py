@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,3 +245,65 @@ def test_other_config_in_same_out_dir_is_refused(tmp_path, data_cache):
     result = raptr_cli("train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}",
                        "data.sources=austen", "train.steps=2", "train.seed=5", f"train.out_dir={tmp_path}/run")
     assert result.returncode == 2 and "holds a run with a different config (train.seed: 0 -> 5)" in result.stderr, result.stderr
+
+
+def _cli_args(tmp_path, data_cache, *extra):
+    return ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "data.sources=austen",
+            f"train.out_dir={tmp_path}/run", *extra]
+
+
+def test_second_writer_is_refused_and_steps_are_logged_once(tmp_path, data_cache):
+    prepare_data(tiny_config(tmp_path, data_cache))
+    args = [sys.executable, "-m", "raptr", *_cli_args(tmp_path, data_cache, "train.steps=1500", "train.checkpoint_every=500")]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.is_file() and '"train"' in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    second = raptr_cli(*_cli_args(tmp_path, data_cache, "train.steps=1500", "train.checkpoint_every=500"))
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+    assert second.returncode == 2 and "is in use by a running raptr (pid" in second.stderr, second.stderr
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"train"' in line]
+    assert steps == list(range(1, 1501))  # each step exactly once, in order
+
+
+def test_torn_metrics_line_and_truncated_config_still_resume(tmp_path, data_cache):
+    straight = tiny_config(tmp_path / "a", data_cache, "train.steps=8", "train.checkpoint_every=4")
+    build_trainer(straight, progress=False).fit()
+    cfg = tiny_config(tmp_path, data_cache, "train.steps=8", "train.checkpoint_every=4")
+    build_trainer(cfg, progress=False).fit(stop_after=6)  # checkpoint at 4 (and 6), log up to step 6
+    run = tmp_path / "run"
+    shutil.rmtree(checkpoint_dirs(run / "checkpoints")[-1])  # the newest is gone: resume from step 4
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 7, "lo')  # a writer killed mid-line
+    (run / "config.json").write_text((run / "config.json").read_text()[:40])
+    result = raptr_cli(*_cli_args(tmp_path, data_cache, "train.steps=8", "train.checkpoint_every=4"))
+    assert result.returncode == 0, result.stderr
+    assert "unreadable line" in result.stderr and "was damaged; rewritten" in result.stderr
+    assert train_losses(run) == train_losses(tmp_path / "a" / "run")
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert steps == list(range(1, 9))
+    json.loads((run / "config.json").read_text())  # whole again
+
+
+def test_sigterm_checkpoints_and_resumes_bitwise(tmp_path, data_cache):
+    prepare_data(tiny_config(tmp_path, data_cache))
+    extra = ["train.steps=30", "train.checkpoint_every=100", "train.eval_every=10"]
+    straight = raptr_cli(*_cli_args(tmp_path / "s", data_cache, *extra))
+    assert straight.returncode == 0, straight.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "raptr", *_cli_args(tmp_path, data_cache, *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and log.read_text().count('"train"') >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM at step" in err and "run the same command again to resume" in err and "Traceback" not in err
+    stopped = checkpoint_dirs(tmp_path / "run" / "checkpoints")
+    assert stopped and 5 <= int(stopped[-1].name.split("_")[1]) < 30  # a checkpoint where it stopped
+    resumed = raptr_cli(*_cli_args(tmp_path, data_cache, *extra))
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_losses(tmp_path / "run") == train_losses(tmp_path / "s" / "run")  # bitwise

@@ -29,12 +29,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raptr.training.build import build_trainer
     from raptr.training.config import load_config
 
+    if args.stop_after is not None and args.stop_after < 1:
+        raise RaptrError(f"--stop-after {args.stop_after}: give a number of steps >= 1")
     cfg = load_config(args.config, args.overrides)
     trainer = build_trainer(cfg, progress=not args.quiet)
     if trainer.is_main:
         console.print(f"[bold]{cfg.name}[/]: method={cfg.method.name}, {cfg.train.steps} steps -> {trainer.out_dir}")
-    if args.stop_after is not None and args.stop_after < 1:
-        raise RaptrError(f"--stop-after {args.stop_after}: give a number of steps >= 1")
     try:
         summary = trainer.fit(resume=not args.no_resume, fresh=args.fresh, stop_after=args.stop_after)
     except KeyboardInterrupt:
@@ -68,6 +68,12 @@ def print_summary(s: dict) -> None:
 def cmd_data(args: argparse.Namespace) -> int:
     from raptr.data.corpus import build_corpus
 
+    from pathlib import Path
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise RaptrError(f"--out {args.out} is a file: give a directory for the corpus")
+    if not 0 <= args.val_fraction < 0.5:
+        raise RaptrError(f"--val-fraction {args.val_fraction} must be in [0, 0.5)")
     sources = [s for chunk in (args.sources or ["default"]) for s in chunk.split(",") if s]
     manifest = build_corpus(args.out, sources=sources, val_fraction=args.val_fraction, seed=args.seed)
     table = Table(title=f"corpus in {args.out}")
@@ -94,6 +100,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from raptr.core import Schedule
     from raptr.flops import LayerShape, ModelFlops, schedule_relative_flops
 
+    for flag, value, low in (("--layers", args.layers, 1), ("--steps", args.steps, 1), ("--seq-len", args.seq_len, 1),
+                             ("--vocab", args.vocab, 1), ("--d-model", args.d_model, 0), ("--heads", args.heads, 0),
+                             ("--d-ff", args.d_ff, 0), ("--top", args.top, 1)):
+        if value < low:
+            raise RaptrError(f"{flag} {value} must be >= {low}" + (" (0 = not given)" if low == 0 else ""))
+    if not 0 < args.head_positions <= 1 or args.tolerance <= 0 or args.full_warmup < 0:
+        raise RaptrError("--head-positions must be in (0, 1], --tolerance > 0 and --full-warmup >= 0")
+    if args.d_model and args.heads and args.d_model % args.heads:
+        raise RaptrError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}")
     model = None
     if args.d_model:
         model = ModelFlops(LayerShape(args.d_model, args.heads or max(1, args.d_model // 64), args.d_ff or 4 * args.d_model),

@@ -58,6 +58,17 @@ class Stage:
         return self.end - self.start
 
 
+def parse_numbers(body: str, spec: str, how: str) -> list[float]:
+    """The numbers of a '-'/','-separated schedule; empty parts (a stray or minus sign) are refused."""
+    parts = body.replace(",", "-").split("-")
+    if not body or any(p == "" for p in parts):
+        raise RaptrError(f"cannot read schedule {spec!r}: it has an empty or negative part; {how}")
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise RaptrError(f"cannot read schedule {spec!r}: {how}") from None
+
+
 def parse_fixed(spec: str | Sequence[int] | None, num_layers: int) -> tuple[int, ...]:
     """``"first,last"`` (default), ``"none"``, or 0-based indices like ``"0,11"`` / ``[0, 11]``."""
     if spec is None or spec == "none" or spec == "":
@@ -162,7 +173,7 @@ class Schedule:
         if require_full_final and probs[-1] < 1.0:
             raise RaptrError(
                 f"the last stage keeps p={probs[-1]:g}, not the full model: end the schedule at {num_layers} layers, "
-                "or set require_full_final=false (raptr: --no-full-final) if that is intended"
+                "or set require_full_final=false (config key method.raptr.require_full_final=false) if that is intended"
             )
         # Optional full-model warm-up stage (UL2's strong configuration): steps, or a fraction if < 1.
         warm = int(round(full_warmup * total_steps)) if 0 < full_warmup < 1 else int(full_warmup)
@@ -200,15 +211,12 @@ class Schedule:
         **kwargs: Any,
     ) -> "Schedule":
         """``"6-8-10-12"`` (expected path length per stage) or ``"p:0.4-0.6-0.8-1"`` (keep probs)."""
+        if num_layers < 1:
+            raise RaptrError(f"the model has {num_layers} layers: give a layer count >= 1")
         text = spec.strip().replace(" ", "")
         fixed_layers = parse_fixed(fixed, num_layers)
         body = text[2:] if text.startswith("p:") or text.startswith("p=") else text
-        try:
-            values = [float(x) for x in body.replace(",", "-").split("-") if x != ""]
-        except ValueError:
-            raise RaptrError(f"cannot read schedule {spec!r}: write path lengths like '6-8-10-12' or keep probabilities like 'p:0.4-0.6-0.8-1'") from None
-        if not values:
-            raise RaptrError(f"empty schedule {spec!r}: write path lengths like '6-8-10-12'")
+        values = parse_numbers(body, spec, "write path lengths like '6-8-10-12' or keep probabilities like 'p:0.4-0.6-0.8-1'")
         if body is not text:
             return cls(num_layers, total_steps, values, fixed=fixed_layers, **kwargs)
         for length in values:
@@ -253,6 +261,52 @@ class Schedule:
 # --------------------------------------------------------------------------------------------
 # 2. Path sampler
 # --------------------------------------------------------------------------------------------
+
+
+class RankAgreement:
+    """Under torch.distributed, every ``every`` steps (and at the first), check with one small
+    all-reduce that all ranks chose the same subnetwork; a mismatch (e.g. different seeds per
+    rank) is one clear error naming the step, never a silent divergence or an FSDP hang."""
+
+    def __init__(self, every: int = 50, timeout_s: float = 120.0):
+        self.every, self.timeout_s, self.checked = every, timeout_s, False
+
+    def __call__(self, step: int, fingerprint: int, what: str = "layer paths") -> None:
+        import torch.distributed as dist
+
+        if not self.every or not (dist.is_available() and dist.is_initialized()):
+            return
+        if self.checked and step % self.every:
+            return
+        self.checked = True
+        if not ranks_agree([float(fingerprint % 2**52)], self.timeout_s, step)[0]:
+            raise RaptrError(f"ranks drew different {what} at step {step}: give every rank the same seed and schedule "
+                             "(the subnetwork is a function of seed and step only)")
+
+
+def path_hash(path: Sequence[bool] | None, step: int) -> int:
+    bits = 0 if path is None else sum(1 << i for i, run in enumerate(path) if run)
+    return (bits * 1_000_003 + step) % (2**61 - 1)
+
+
+def ranks_agree(values: list[float], timeout_s: float = 120.0, step: int | None = None) -> list[bool]:
+    """For each value: is it the same on every rank? (one MAX all-reduce of the values and their negations)"""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    t = torch.tensor(values + [-v for v in values], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
+    try:
+        work.wait(timeout=timedelta(seconds=timeout_s))
+    except RuntimeError:
+        raise RaptrError(f"ranks did not meet for the subnetwork check{'' if step is None else f' at step {step}'} within "
+                         f"{timeout_s:.0f} s: a rank crashed or calls step() at other steps than the rest") from None
+    n = len(values)
+    t = t.cpu()
+    return [t[i].item() == v and -t[n + i].item() == v for i, v in enumerate(values)]
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -422,6 +476,7 @@ class RaPTr:
         seed: int = 0,
         sampling: str = "bernoulli",
         scaling: str = "none",
+        check_every: int = 50,
     ):
         if len(layers) != schedule.num_layers:
             raise RaptrError(f"schedule is for {schedule.num_layers} layers but the stack has {len(layers)}: build the schedule with num_layers={len(layers)}")
@@ -431,6 +486,7 @@ class RaPTr:
         self.sampler = PathSampler(schedule.num_layers, schedule.fixed, seed, sampling)
         self.gates = GatedLayers(layers)
         self.last_plan: StepPlan | None = None
+        self.agreement = RankAgreement(check_every)  # under torch.distributed: all ranks, same path
 
     def plan(self, step: int) -> StepPlan:
         """The path of ``step`` without touching the model (pure)."""
@@ -440,6 +496,7 @@ class RaPTr:
 
     def step(self, step: int) -> StepPlan:
         plan = self.plan(step)
+        self.agreement(step, path_hash(plan.active, step))
         fixed = set(self.schedule.fixed)
         self.gates.set_path(plan.active, [1.0 if i in fixed else plan.scale for i in range(len(plan.active))])
         self.last_plan = plan

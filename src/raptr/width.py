@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raptr.core import SCALINGS, Schedule, branch_scale, parse_fixed, step_generator
+from raptr.core import SCALINGS, RankAgreement, Schedule, branch_scale, parse_fixed, parse_numbers, step_generator
 from raptr.errors import RaptrError
 from raptr.flops import LayerShape
 
@@ -86,13 +86,7 @@ class WidthSchedule(Schedule):
         if not isinstance(spec, str):
             return cls(list(spec), total_steps, **kwargs)
         body = spec.strip().replace(" ", "")
-        try:
-            values = [float(x) for x in body.replace(",", "-").split("-") if x != ""]
-        except ValueError:
-            raise RaptrError(f"cannot read width schedule {spec!r}: write kept fractions per stage like '0.5-0.75-1'") from None
-        if not values:
-            raise RaptrError("empty width schedule: give at least one kept fraction, e.g. '0.5-0.75-1'")
-        return cls(values, total_steps, **kwargs)
+        return cls(parse_numbers(body, spec, "write kept fractions per stage like '0.5-0.75-1'"), total_steps, **kwargs)
 
     def fraction(self, step: int) -> float:
         return self.keep_prob(step)
@@ -280,6 +274,16 @@ class WidthLayer:
 # --------------------------------------------------------------------------------------------
 
 
+def _plan_hash(plan) -> int:
+    h = plan.step
+    for group in (plan.heads, plan.kv_heads, plan.units):
+        for kept in group:
+            for i in ([] if kept is None else kept.tolist()):
+                h = (h * 1_000_003 + i + 1) % (2**61 - 1)
+            h = (h * 31 + 7) % (2**61 - 1)
+    return h
+
+
 @dataclass(frozen=True, eq=False)  # holds tensors: compare fields, not plans
 class WidthPlan:
     """One step's subnetwork. Per layer: kept query heads / KV heads / FFN units (sorted
@@ -335,6 +339,7 @@ class WidthRaPTr:
         layers = self._layer_list(model_or_layers)
         self.fixed = parse_fixed(fixed, len(layers))
         self.seed, self.scaling, self.heads, self.ffn, self.seq_len = int(seed), scaling, bool(heads), bool(ffn), seq_len
+        self.agreement = RankAgreement()  # under torch.distributed: all ranks, same heads and units
         self.layers: list[WidthLayer] = []
         try:
             for layer in layers:
@@ -415,6 +420,7 @@ class WidthRaPTr:
 
     def step(self, step: int) -> WidthPlan:
         plan = self.plan(step)
+        self.agreement(step, _plan_hash(plan), "heads/FFN units")
         self.apply(plan)
         return plan
 

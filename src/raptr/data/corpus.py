@@ -724,6 +724,19 @@ _LOCAL_TEXT = (".txt", ".md")
 _LOCAL_TABLE = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 
 
+def _read_text_file(path: Path) -> str:
+    """A local text file's contents; a binary file (NUL bytes, or >2% bytes that are not UTF-8) is refused."""
+    raw = path.read_bytes()
+    if b"\x00" in raw[:1 << 20]:
+        raise RaptrError(f"'{path}' is not text (it has NUL bytes: a binary file?): pass text files only")
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    if text and bad / len(text) > 0.02:
+        raise RaptrError(f"'{path}' is not UTF-8 text ({bad / len(text):.0%} undecodable bytes): convert it to UTF-8 "
+                         "or leave it out of the sources")
+    return text
+
+
 def _text_docs(stem: str, text: str) -> list[tuple[str, str]]:
     text = text.replace("\r\n", "\n").strip()
     return _split_long(stem, text) if text else []
@@ -736,7 +749,7 @@ def _local_docs(path: Path, text_field: str) -> list[tuple[str, str]]:
         docs = []
         for f in files:
             rel = f.relative_to(path).with_suffix("").as_posix()
-            docs += _text_docs(rel, f.read_text(encoding="utf-8", errors="replace"))
+            docs += _text_docs(rel, _read_text_file(f))
         for f in tables:
             rel = f.relative_to(path).with_suffix("").as_posix()
             docs += [(f"{rel}/{d}", t) for d, t in _table_docs(f, text_field)]
@@ -748,7 +761,7 @@ def _local_docs(path: Path, text_field: str) -> list[tuple[str, str]]:
     if suffix in _LOCAL_TABLE:
         docs = _table_docs(path, text_field)
     elif suffix in _LOCAL_TEXT or suffix == "":
-        docs = _text_docs(path.stem, path.read_text(encoding="utf-8", errors="replace"))
+        docs = _text_docs(path.stem, _read_text_file(path))
     else:
         raise RaptrError(f"cannot read '{path}' as text (suffix {suffix}): use a .txt/.md file, a "
                          "folder of them, or a .parquet/.json/.jsonl file with a 'text' column")

@@ -204,8 +204,9 @@ def run_compare(cfg: CompareConfig, results_dir: str | Path = "results", progres
     if budget_minutes is not None and budget_minutes <= 0:
         raise RaptrError(f"--budget {budget_minutes}: give the minutes to spend, a positive number")
     root = Path(results_dir) / cfg.name
-    if root.exists() and not root.is_dir():
-        raise RaptrError(f"{root} is a file: pick another --results directory")
+    for d in (Path(results_dir), root):
+        if d.exists() and not d.is_dir():
+            raise RaptrError(f"{d} is a file: pick another --results directory")
     root.mkdir(parents=True, exist_ok=True)
     (root / "compare.json").write_text(json.dumps({**asdict(cfg), "arms": [asdict(a) for a in cfg.arms]}, indent=2))
     deadline = time.time() + 60 * budget_minutes if budget_minutes else None

@@ -31,15 +31,18 @@ def build_schedule(options: RaPTrOptions, num_layers: int, total_steps: int) -> 
     )
 
 
-def wrap(model: nn.Module, schedule: str = "6-8-10-12", total_steps: int = 10_000, seed: int = 0, **options) -> RaPTr:
+def wrap(model: nn.Module, schedule: str = "6-8-10-12", total_steps: int = 10_000, seed: int = 0,
+         check_every: int = 50, **options) -> RaPTr:
     """Put RaPTr on a model in place; call ``.step(step)`` before each optimizer step's forward.
 
     Works on our reference models and on HF BERT/RoBERTa/GPT-2/Llama/Mistral/Qwen2/OPT/GPT-NeoX;
-    ``options`` are the fields of ``RaPTrOptions`` (stage_lengths, fixed, scaling, ...).
+    ``options`` are the fields of ``RaPTrOptions`` (stage_lengths, fixed, scaling, ...). Under
+    torch.distributed, every ``check_every`` steps (and at the first) one all-reduce checks that
+    every rank drew the same path (0 = never).
     """
     opts = RaPTrOptions(schedule=schedule, **options)
     layers = find_layer_stack(model)
-    return RaPTr(layers, build_schedule(opts, len(layers), total_steps), seed, opts.sampling, opts.scaling)
+    return RaPTr(layers, build_schedule(opts, len(layers), total_steps), seed, opts.sampling, opts.scaling, check_every)
 
 
 class RaPTrMethod(Method):

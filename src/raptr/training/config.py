@@ -196,7 +196,10 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise RaptrError(f"no config file or preset named '{name_or_path}': give a YAML path or one of: {', '.join(presets)}")
 
 
-def load_yaml(path: Path) -> dict:
+def load_yaml(path: Path, _seen: tuple = ()) -> dict:
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in _seen + (path.resolve(),))
+        raise RaptrError(f"config inheritance loops ({chain}): remove the 'inherit' that points back")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -205,7 +208,11 @@ def load_yaml(path: Path) -> dict:
         raise RaptrError(f"{path} must hold a mapping of config sections, got {type(data).__name__}")
     inherits = data.pop("inherit", None)  # presets share a base file
     if inherits:
-        data = _merge(load_yaml(resolve_config_path(str(path.parent / inherits)) if (path.parent / inherits).is_file() else resolve_config_path(inherits)), data)
+        if not isinstance(inherits, str):
+            raise RaptrError(f"{path}: 'inherit' must name one YAML file or preset, got {inherits!r}")
+        parent = path.parent / inherits
+        parent = parent if parent.is_file() else resolve_config_path(inherits)
+        data = _merge(load_yaml(parent, _seen + (path.resolve(),)), data)
     return data
 
 
@@ -250,6 +257,14 @@ def validate(cfg: RunConfig) -> None:
     for key in positive:
         if flat[key] <= 0:
             raise RaptrError(f"'{key}' must be positive, got {flat[key]}")
+    if cfg.train.threads < 0 or cfg.train.path_seed < -1:
+        raise RaptrError("train.threads must be >= 0 (0 = torch's default) and train.path_seed >= -1 (-1 = train.seed)")
+    try:
+        out = cfg.out_dir
+    except (KeyError, IndexError, ValueError) as e:
+        raise RaptrError(f"train.out_dir {cfg.train.out_dir!r} has an unknown placeholder ({e}): only {{name}} is filled in") from None
+    if out.exists() and not out.is_dir():
+        raise RaptrError(f"train.out_dir {out} is a file: give a directory path")
     m, o = cfg.model, cfg.optim
     if m.d_model % m.n_heads:
         raise RaptrError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: pick a head count that divides it")

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raptr.core import path_hash, ranks_agree
 from raptr.errors import RaptrError
 
 
@@ -64,21 +65,6 @@ def wrap_model(model: nn.Module, layers: nn.ModuleList, info: DistInfo, strategy
     return DDP(model, device_ids=device_ids, find_unused_parameters=may_skip)
 
 
-def path_hash(path: tuple[bool, ...] | None, step: int) -> int:
-    bits = 0 if path is None else sum(1 << i for i, run in enumerate(path) if run)
-    return (bits * 1_000_003 + step) % (2**61 - 1)
-
-
-def _agree(values: list[float], info: DistInfo) -> list[bool]:
-    """For each value: is it the same on every rank? (one MAX all-reduce of values and negations)"""
-    t = torch.tensor(values + [-v for v in values], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    n = len(values)
-    return [t[i].item() == v and -t[n + i].item() == v for i, v in enumerate(values)]
-
-
 def check_same_path(path: tuple[bool, ...] | None, step: int, info: DistInfo, model: nn.Module | None = None) -> None:
     """All ranks must run the same layers this step (and, under DDP, hold the same weights)."""
     if not info.enabled:
@@ -86,7 +72,7 @@ def check_same_path(path: tuple[bool, ...] | None, step: int, info: DistInfo, mo
     values = [float(path_hash(path, step) % 2**52)]
     if model is not None:  # replicas: bitwise-equal weights give bitwise-equal sums
         values.append(sum(float(p.detach().double().sum()) for p in model.parameters()))
-    same = _agree(values, info)
+    same = ranks_agree(values, step=step)
     if not same[0]:
         raise RaptrError(
             f"ranks drew different layer paths at step {step}: every rank must use the same train.seed and "
