@@ -122,3 +122,26 @@ def test_library_api_catches_rank_seed_mismatch_without_hanging(mode):
     assert "ranks drew different layer paths at step 0" in bad.stdout, bad.stdout[-2000:] + bad.stderr[-2000:]
     good = subprocess.run(launcher + [mode, "same"], capture_output=True, text=True, env=env, timeout=180)
     assert good.returncode == 0 and good.stdout.count("ok") == 2, good.stdout[-2000:] + good.stderr[-2000:]
+
+
+def test_sigterm_under_torchrun_stops_every_rank_with_a_checkpoint(tmp_path, data_cache):
+    import signal
+    import time
+
+    common = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "train.steps=400",
+              "train.eval_every=1000", "train.checkpoint_every=1000", "train.path_check_every=50"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "raptr"]
+    proc = subprocess.Popen(launcher + common + [f"train.out_dir={tmp_path}/run"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.is_file() and log.read_text().count('"train"') >= 10):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert err.count("stopped by SIGTERM at step") == 2, err[-3000:]  # both ranks, at one step
+    stopped = checkpoint_dirs(tmp_path / "run" / "checkpoints")
+    assert stopped and 10 <= int(stopped[-1].name.split("_")[1]) < 400
+    steps = {line.split("stopped by SIGTERM at step ")[1].split("/")[0] for line in err.splitlines() if "stopped by" in line}
+    assert steps == {str(int(stopped[-1].name.split("_")[1]))}

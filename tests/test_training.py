@@ -307,3 +307,16 @@ def test_sigterm_checkpoints_and_resumes_bitwise(tmp_path, data_cache):
     resumed = raptr_cli(*_cli_args(tmp_path, data_cache, *extra))
     assert resumed.returncode == 0, resumed.stderr
     assert train_losses(tmp_path / "run") == train_losses(tmp_path / "s" / "run")  # bitwise
+
+
+def test_extending_steps_on_resume_only_where_the_method_allows(tmp_path, data_cache):
+    std = ["method.name=standard", "train.checkpoint_every=2"]
+    build_trainer(tiny_config(tmp_path, data_cache, "train.steps=4", *std), progress=False).fit()
+    more = raptr_cli(*_cli_args(tmp_path, data_cache, "train.steps=6", *std))
+    assert more.returncode == 0 and "train.steps: 4 -> 6" in more.stderr, more.stderr
+    assert sorted(train_losses(tmp_path / "run")) == list(range(1, 7))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "resume" and r["changed"] == {"train.steps": [4, 6]} for r in rows)
+    build_trainer(tiny_config(tmp_path / "r", data_cache, "train.steps=4", "train.checkpoint_every=2"), progress=False).fit()
+    refused = raptr_cli(*_cli_args(tmp_path / "r", data_cache, "train.steps=6", "train.checkpoint_every=2"))
+    assert refused.returncode == 2 and "raptr's schedule depends on train.steps" in refused.stderr, refused.stderr

@@ -58,15 +58,17 @@ class Stage:
         return self.end - self.start
 
 
-def parse_numbers(body: str, spec: str, how: str) -> list[float]:
+def parse_numbers(body: str, spec: str, how: str, kind: str = "schedule") -> list[float]:
     """The numbers of a '-'/','-separated schedule; empty parts (a stray or minus sign) are refused."""
+    if not body:
+        raise RaptrError(f"empty {kind} {spec!r}: {how}")
     parts = body.replace(",", "-").split("-")
-    if not body or any(p == "" for p in parts):
-        raise RaptrError(f"cannot read schedule {spec!r}: it has an empty or negative part; {how}")
+    if any(p == "" for p in parts):
+        raise RaptrError(f"cannot read {kind} {spec!r}: it has an empty or negative part; {how}")
     try:
         return [float(p) for p in parts]
     except ValueError:
-        raise RaptrError(f"cannot read schedule {spec!r}: {how}") from None
+        raise RaptrError(f"cannot read {kind} {spec!r}: {how}") from None
 
 
 def parse_fixed(spec: str | Sequence[int] | None, num_layers: int) -> tuple[int, ...]:

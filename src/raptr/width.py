@@ -86,7 +86,7 @@ class WidthSchedule(Schedule):
         if not isinstance(spec, str):
             return cls(list(spec), total_steps, **kwargs)
         body = spec.strip().replace(" ", "")
-        return cls(parse_numbers(body, spec, "write kept fractions per stage like '0.5-0.75-1'"), total_steps, **kwargs)
+        return cls(parse_numbers(body, spec, "write kept fractions per stage like '0.5-0.75-1'", "width schedule"), total_steps, **kwargs)
 
     def fraction(self, step: int) -> float:
         return self.keep_prob(step)

@@ -19,10 +19,11 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from raptr.errors import RaptrError  # noqa: E402
-from raptr.experiments.compare import CompareConfig, arm_seeds, parse_label, run_label  # noqa: E402
+from raptr.experiments.compare import CompareConfig, arm_seeds, last_step, parse_label, run_label  # noqa: E402
 from raptr.experiments.stats import (  # noqa: E402
     DECISIVE_HALF_WIDTH, decisive, first_crossing, interpolate, mean_std, paired_difference, t975, verdict)
 from raptr.training.config import from_dict  # noqa: E402
+from raptr.training.runfiles import read_json, read_jsonl  # noqa: E402
 
 PLOTS = {
     "val_loss_vs_flops.png": "full-model validation loss vs training FLOPs (mean over seeds, band: min-max)",
@@ -53,24 +54,8 @@ class Run:
         return self.summary["final_val_loss"]
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a torn or foreign line (a killed writer) is skipped."""
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "kind" in row and "step" in row:
-            rows.append(row)
-    return rows
-
-
 def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
+    data = read_json(path)
     return data if isinstance(data, dict) else None
 
 
@@ -121,7 +106,7 @@ def load_runs(root: Path, cfg: CompareConfig | None) -> list[Run]:
         config = _read_json(d / "config.json") or {}
         where = parse_label(d.name, cfg) if cfg else None
         arm, seed = where if where else (d.name, config.get("train", {}).get("seed", 0))
-        rows = read_metrics(metrics)
+        rows = read_jsonl(metrics)[0]
         run = Run(d.name, arm, seed, summary, [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"])
         if table:
             _calibrate(run, table)
@@ -211,7 +196,7 @@ def build_evidence(root: str | Path) -> dict:
                                 "diffs": diff["diffs"], "verdict": verdict(diff), "decisive": decisive(diff)})
     planned = [(arm.name, s, run_label(arm, s, cfg)) for arm in cfg.arms for s in arm_seeds(cfg, arm)] if cfg else []
     done = {r.label for r in finished}
-    partial = {r.label: r.summary.get("steps") for r in runs if r.label not in done}
+    partial = {lab: last_step(root / "runs" / lab) for _, _, lab in planned if lab not in done and (root / "runs" / lab).is_dir()}
     data = _read_json(root / "data.json") or {}
     table = step_cost(root)
     return {
