@@ -34,6 +34,7 @@ class StepInfo:
     layers_run: int  # layers executed this step: drives the exact FLOPs count
     path: tuple[bool, ...] | None = None  # which layers ran, if the method samples paths
     lr_factor: float = 1.0  # multiplies the trainer's learning rate (stacking's re-warm-up)
+    model_changed: bool = False  # the method changed the model's parameters this step (stacking grew it)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -49,6 +50,10 @@ def decay_groups(model: "nn.Module") -> tuple[list, list]:
 
 class Method:
     name = "method"
+    # What hosts need to know, declared (hosts never switch on ``name``):
+    skips_layers = True  # some steps leave layers out: DDP needs find_unused_parameters
+    changes_model = False  # adds parameters during training (regroup the optimizer, re-wrap DDP)
+    supports_fsdp = True  # FSDP2 shards the model once, so methods that change it cannot use it
     # Whether a run may be extended (``train.steps`` raised on resume): only methods whose schedule
     # does not depend on the total number of steps.
     extendable = False
@@ -84,6 +89,7 @@ class Standard(Method):
     """Standard training: every step trains the full model."""
 
     name = "standard"
+    skips_layers = False
     extendable = True
 
     def begin_step(self, step: int) -> StepInfo:

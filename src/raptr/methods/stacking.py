@@ -107,6 +107,9 @@ class GradualStacking(Method):
     """
 
     name = "stacking"
+    skips_layers = False  # every layer of the current (grown) model runs
+    changes_model = True
+    supports_fsdp = False
 
     def __init__(self, options: StackingOptions | None = None):
         if options is None:
@@ -179,7 +182,8 @@ class GradualStacking(Method):
         grew = self.stage < target
         while self.stage < target:
             self.grow()
-        return StepInfo(self.stage, self.depth, None, self.lr_factor(step), extra={"depth": self.depth, "grew": grew})
+        return StepInfo(self.stage, self.depth, None, self.lr_factor(step), model_changed=grew,
+                        extra={"depth": self.depth, "grew": grew})
 
     def grow(self) -> None:
         """Grow to the next stage's depth by copying layers (and their optimizer state)."""

@@ -125,8 +125,8 @@ class Trainer:
         path_seed = cfg.train.path_seed if cfg.train.path_seed >= 0 else cfg.train.seed
         self.context = TrainingContext(model, find_layer_stack(model), self.total_steps, path_seed)
         self.method.attach(self.context)
-        if self.dist.enabled and cfg.train.parallel == "fsdp" and self.method.name == "stacking":
-            raise RaptrError("stacking grows the model, which FSDP2 shards once: use train.parallel=ddp")
+        if self.dist.enabled and cfg.train.parallel == "fsdp" and not self.method.supports_fsdp:
+            raise RaptrError(f"{self.method.name} changes the model, which FSDP2 shards once: use train.parallel=ddp")
         if cfg.train.compile:
             for layer in self.context.layers:  # per block, as torchtitan: paths never recompile
                 layer.compile()
@@ -143,9 +143,8 @@ class Trainer:
         self._signal: int | None = None
 
     def _wrap(self) -> nn.Module:
-        self._n_params = len(list(self.model.parameters()))
         return D.wrap_model(self.model, self.context.layers, self.dist, self.cfg.train.parallel,
-                            may_skip=self.method.name not in ("standard", "stacking"))
+                            may_skip=self.method.skips_layers)
 
     @property
     def is_main(self) -> bool:
@@ -238,8 +237,8 @@ class Trainer:
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
         else:
             load_weights(path, self.model)
-            if self.dist.enabled and len(list(self.model.parameters())) != self._n_params:
-                self.forward_model = self._wrap()  # stacking regrew the model
+            if self.dist.enabled and self.method.changes_model:
+                self.forward_model = self._wrap()  # the method may have regrown the model
             # Rebuild in the model's (possibly regrown) parameter order, then load the moments.
             self.optimizer = make_optimizer(self.model, self.cfg.optim)
             self.context.optimizer = self.optimizer
@@ -407,8 +406,8 @@ class Trainer:
             started = time.perf_counter()
             info = self.method.begin_step(step)
             if self.dist.enabled:
-                if len(list(self.model.parameters())) != self._n_params:
-                    self.forward_model = self._wrap()  # stacking grew the model: DDP must see the new layers
+                if info.model_changed:
+                    self.forward_model = self._wrap()  # the model grew: DDP must see the new layers
                 if step % cfg.train.path_check_every == 0:
                     replicas = self.model if self.cfg.train.parallel == "ddp" else None
                     D.check_same_path(info.path, step, self.dist, replicas)
