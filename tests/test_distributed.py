@@ -145,3 +145,15 @@ def test_sigterm_under_torchrun_stops_every_rank_with_a_checkpoint(tmp_path, dat
     assert stopped and 10 <= int(stopped[-1].name.split("_")[1]) < 400
     steps = {line.split("stopped by SIGTERM at step ")[1].split("/")[0] for line in err.splitlines() if "stopped by" in line}
     assert steps == {str(int(stopped[-1].name.split("_")[1]))}
+
+
+def test_stacking_grows_under_ddp_like_one_process(tmp_path, data_cache):
+    common = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "train.steps=12",
+              "train.eval_every=6", "train.checkpoint_every=6", "method.name=stacking", "method.stacking.schedule=3-6"]
+    run(common + [f"train.out_dir={tmp_path}/one"])
+    run(common + [f"train.out_dir={tmp_path}/two"], nproc=2)  # DDP is re-wrapped when the model grows
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 12
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["layers_run"] for r in rows if r["kind"] == "train"} == {3, 6}  # it really grew
