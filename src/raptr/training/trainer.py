@@ -401,6 +401,7 @@ class Trainer:
         self.model.train()
         recent: deque = deque(maxlen=DIVERGENCE_WINDOW)
         best_mean, bad_in_row, first_val, preempted, streak_start = math.inf, 0, None, False, 0
+        warned = set()  # each kind of divergence is warned about once per session
         while self.step < end:
             step = self.step
             started = time.perf_counter()
@@ -451,7 +452,8 @@ class Trainer:
                 recent.append(loss_value)
                 if len(recent) == recent.maxlen:
                     mean = sum(recent) / len(recent)
-                    if mean > best_mean + DIVERGENCE_RISE:
+                    if mean > best_mean + DIVERGENCE_RISE and "train" not in warned:
+                        warned.add("train")
                         self._warn(f"diverging: mean training loss of the last {len(recent)} steps is {mean:.3f} at step "
                                    f"{self.step}, {mean - best_mean:.2f} above its best ({best_mean:.3f}); lower optim.lr")
                     best_mean = min(best_mean, mean)
@@ -467,16 +469,16 @@ class Trainer:
                 self._log({"kind": "eval", "step": self.step, "val_loss": val, "stage": info.stage,
                            "boundary": self.step in boundaries, **self.counters})
                 first_val = first_val or self._first_val()
-                if first_val is not None and (not math.isfinite(val) or val > first_val):
+                if first_val is not None and (not math.isfinite(val) or val > first_val) and "val" not in warned:
+                    warned.add("val")
                     self._warn(f"diverged: full-model val loss {val:.4g} at step {self.step} is above the untrained "
                                f"model's {first_val:.4g}; lower optim.lr")
-            if deadline is not None and time.time() > deadline and self.step < end:
-                end = self.step  # out of time: checkpoint here, resume later
-            signalled = self._signal is not None
-            if self.dist.enabled:  # every rank stops at the same step, or the collectives would hang
-                signalled = D.all_sum([float(signalled)], self.dist)[0] > 0
-            if signalled:
-                end, preempted = self.step, True
+            # Stop here (with a checkpoint) on SIGTERM/SIGINT or when out of time; under torchrun one
+            # small all-reduce makes every rank stop at the same step, or the collectives would hang.
+            flags = [float(self._signal is not None), float(deadline is not None and time.time() > deadline)]
+            signalled, out_of_time = (v > 0 for v in D.all_sum(flags, self.dist))
+            if (signalled or out_of_time) and self.step < end:
+                end, preempted = self.step, signalled
             # No checkpoint inside a run of non-finite steps: the weights have not changed, and
             # keeping the older checkpoints is what makes a recovery possible.
             if bad_in_row == 0 and (self.step % cfg.train.checkpoint_every == 0 or self.step == end):
