@@ -64,6 +64,9 @@ def test_report_and_evidence_match_the_logs(comparison):
     assert raptr["n"] == 1 and raptr["ci95"] is None and raptr["verdict"] == "one seed: no interval"
     assert raptr["mean_diff"] == pytest.approx(s["raptr"]["final_val_loss"] - s["baseline"]["final_val_loss"])
     assert ev["missing"] == [] and ev["unigram_val_loss"] > 4.0
+    raptr_t = [t for t in ev["transitions"] if t["arm"] == "raptr"]  # 3-4-5-6: three boundaries
+    assert [t["to_stage"] for t in raptr_t] == [1, 2, 3] and all(t["baseline_change"] is not None for t in raptr_t)
+    assert "## Stage transitions" in report
     for name in PLOTS:
         png = (root / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"

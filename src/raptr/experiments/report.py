@@ -135,6 +135,36 @@ def _time_to_target(run: Run, target: float, base: Run) -> dict:
     return out
 
 
+TRANSITION_WINDOW = 20  # steps of training loss averaged on each side of a stage boundary
+
+
+def _window_change(run: Run, step: int) -> float | None:
+    """Mean training loss of the TRANSITION_WINDOW steps after ``step`` minus the ones up to it."""
+    losses = {t["step"]: t["loss"] for t in run.train if isinstance(t.get("loss"), (int, float))}
+    before = [losses[s] for s in range(step - TRANSITION_WINDOW + 1, step + 1) if s in losses]
+    after = [losses[s] for s in range(step + 1, step + TRANSITION_WINDOW + 1) if s in losses]
+    return sum(after) / len(after) - sum(before) / len(before) if before and after else None
+
+
+def transitions(run: Run, base: Run | None = None) -> list[dict]:
+    """Per stage boundary: mean training loss of the steps just before and just after it (a loss
+    spike at a transition shows as after − before > 0), the same change in the baseline run of the
+    same seed over the same steps (what plain training gives there), and the val loss at the boundary."""
+    rows = [t for t in run.train if isinstance(t.get("loss"), (int, float))]
+    out = []
+    for i in range(1, len(rows)):
+        if rows[i]["stage"] == rows[i - 1]["stage"]:
+            continue
+        before = [t["loss"] for t in rows[max(0, i - TRANSITION_WINDOW):i]]
+        after = [t["loss"] for t in rows[i:i + TRANSITION_WINDOW]]
+        at = next((e["val_loss"] for e in run.eval if e["step"] == rows[i - 1]["step"]), None)
+        out.append({"arm": run.arm, "seed": run.seed, "step": rows[i - 1]["step"], "to_stage": rows[i]["stage"],
+                    "train_before": sum(before) / len(before), "train_after": sum(after) / len(after),
+                    "change": sum(after) / len(after) - sum(before) / len(before), "val_at_boundary": at,
+                    "baseline_change": None if base is None else _window_change(base, rows[i - 1]["step"])})
+    return out
+
+
 def _mean_or_none(values: list) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals and len(vals) == len(values) else None
@@ -205,6 +235,7 @@ def build_evidence(root: str | Path) -> dict:
         "unigram_val_loss": data.get("unigram_val_loss"), "data": data,
         "step_cost": {k: table[k] for k in ("layers", "seconds", "threads", "note") if k in table} if table else None,
         "arms": arms, "comparisons": comparisons,
+        "transitions": [t for r in finished for t in transitions(r, base_runs.get(r.seed))],
         "missing": [{"arm": a, "seed": s, "label": lab, "steps_done": partial.get(lab)} for a, s, lab in planned if lab not in done],
         "decisive_half_width": DECISIVE_HALF_WIDTH,
         "_runs": finished, "_by_arm": by_arm,
@@ -265,7 +296,19 @@ def make_report(root: str | Path) -> Path:
     lines += ["", "Negative = the arm reached a lower loss. Intervals are t intervals over the paired per-seed differences "
               f"(t quantiles {', '.join(f'df={d}: {t975(d):.3f}' for d in (1, 2, 3))}). A verdict of *better*/*worse* "
               f"means the interval excludes 0; an interval with half-width above {DECISIVE_HALF_WIDTH} nats that contains "
-              "0 cannot decide a claim of that size.", "", "## Plots", ""]
+              "0 cannot decide a claim of that size.", ""]
+    if ev["transitions"]:
+        worst = max(ev["transitions"], key=lambda t: t["change"])
+        lines += ["## Stage transitions", "",
+                  f"Mean training loss of the {TRANSITION_WINDOW} steps after each stage boundary minus the "
+                  f"{TRANSITION_WINDOW} steps before it (a spike would be positive), over "
+                  f"{len(ev['transitions'])} boundaries of {len({(t['arm'], t['seed']) for t in ev['transitions']})} runs:", "",
+                  f"| arm | seed | boundary step | to stage | train loss before | after | change | {ev['baseline']}'s change, same steps |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {t['arm']} | {t['seed']} | {t['step']} | {t['to_stage']} | {t['train_before']:.4f} | "
+                  f"{t['train_after']:.4f} | {t['change']:+.4f} | {_f(t['baseline_change'], '+.4f')} |" for t in ev["transitions"]]
+        lines += ["", f"Largest change: {worst['change']:+.4f} ({worst['arm']}, seed {worst['seed']}, step {worst['step']}).", ""]
+    lines += ["## Plots", ""]
     lines += [f"![{title}]({name})  \n*{title}*" for name, title in PLOTS.items()]
     report = root / "report.md"
     report.write_text("\n".join(lines) + "\n")
