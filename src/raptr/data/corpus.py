@@ -729,7 +729,7 @@ def _read_text_file(path: Path) -> str:
     raw = path.read_bytes()
     if b"\x00" in raw[:1 << 20]:
         raise RaptrError(f"'{path}' is not text (it has NUL bytes: a binary file?): pass text files only")
-    text = raw.decode("utf-8", errors="replace")
+    text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")  # as read_text did
     bad = text.count("\ufffd")
     if text and bad / len(text) > 0.02:
         raise RaptrError(f"'{path}' is not UTF-8 text ({bad / len(text):.0%} undecodable bytes): convert it to UTF-8 "

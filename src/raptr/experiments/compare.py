@@ -221,9 +221,10 @@ def run_compare(cfg: CompareConfig, results_dir: str | Path = "results", progres
 
     summaries: dict[str, dict] = {}
     todo: list[PlannedRun] = []
-    for r in planned:
+    for r in planned:  # matched runs after their targets, so the expected step count is known
+        expected = _expected_steps(r, configs, summaries)
         done = finished_summary(configs[r.label].out_dir)
-        if done is not None:
+        if done is not None and expected is not None and done.get("total_steps") == expected:
             summaries[r.label] = done
         else:
             todo.append(r)
@@ -236,57 +237,75 @@ def run_compare(cfg: CompareConfig, results_dir: str | Path = "results", progres
     for r in planned:
         if r.label in summaries:
             console.print(f"  {r.label}: done already, skipping")
-    if todo:
-        _execute(cfg, todo, configs, summaries, progress, workers, deadline)
-    missing = [r.label for r in planned if r.label not in summaries]
+    failed = _execute(cfg, todo, configs, summaries, progress, workers, deadline) if todo else {}
+    missing = [r.label for r in planned if r.label not in summaries and r.label not in failed]
     if missing:
         console.print(f"not finished (run the same command again to continue): {', '.join(missing)}")
+    if failed:
+        raise RaptrError(f"{len(failed)} run(s) failed, the others are kept: " + "; ".join(
+            f"{label}: {msg}" for label, msg in failed.items()))
     return root
 
 
-def _execute(cfg: CompareConfig, todo: list[PlannedRun], configs: dict, summaries: dict, progress: bool,
-             workers: int, deadline: float | None) -> None:
-    """Start runs as their dependencies allow; one suite-wide progress bar with an ETA."""
-    def steps_of(r: PlannedRun) -> int:
-        if r.match_label and r.match_label in summaries:
-            return int(_steps_for(r, summaries)[-1].split("=")[1])
-        return configs[r.label].train.steps
+def _expected_steps(run: PlannedRun, configs: dict, summaries: dict) -> int | None:
+    """The steps a finished run must have: its config's, or (matched) those of its target's FLOPs."""
+    if not run.match_label:
+        return configs[run.label].train.steps
+    if run.match_label not in summaries:
+        return None
+    return int(_steps_for(run, summaries)[-1].split("=")[1])
 
-    bar = tqdm(total=sum(steps_of(r) for r in todo), desc=f"{cfg.name} suite", unit="step", disable=not progress,
+
+def _execute(cfg: CompareConfig, todo: list[PlannedRun], configs: dict, summaries: dict, progress: bool,
+             workers: int, deadline: float | None) -> dict[str, str]:
+    """Start runs as their dependencies allow; one suite-wide progress bar with an ETA. A failing
+    run does not stop the others; returns {label: error} of the failed ones."""
+    counted = {r.label: _expected_steps(r, configs, summaries) or configs[r.label].train.steps for r in todo}
+    bar = tqdm(total=sum(counted.values()), desc=f"{cfg.name} suite", unit="step", disable=not progress,
                dynamic_ncols=True, mininterval=2.0)
-    start = {r.label: last_step(configs[r.label].out_dir) for r in todo}
-    bar.update(sum(start.values()))
+    shown = {r.label: last_step(configs[r.label].out_dir) for r in todo}
+    bar.update(sum(shown.values()))
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     running: dict = {}  # future -> run
     queue = list(todo)
-    shown = dict(start)
+    failed: dict[str, str] = {}
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.time() > deadline
+
     try:
         while queue or running:
-            out_of_time = deadline is not None and time.time() > deadline
-            while queue and len(running) < workers and not out_of_time:
+            while queue and len(running) < workers and not out_of_time():
                 ready = next((r for r in queue if not r.match_label or r.match_label in summaries), None)
                 if ready is None:
                     break  # waiting for a matched run to finish
                 queue.remove(ready)
                 overrides = _steps_for(ready, summaries)
                 run_cfg = load_config(cfg.base, overrides)
-                bar.total += run_cfg.train.steps - configs[ready.label].train.steps
+                bar.total += run_cfg.train.steps - counted[ready.label]
                 configs[ready.label] = run_cfg
                 tqdm.write(f"start {ready.label}: {run_cfg.method.name}, {run_cfg.train.steps} steps, seed {ready.seed}")
                 if pool is None:  # in this process, with the run's own progress bar
-                    summary = _fit_run(cfg.base, overrides, progress, deadline)
+                    try:
+                        summary = _fit_run(cfg.base, overrides, progress, deadline)
+                    except RaptrError as e:
+                        _failed(ready, e, failed)
+                        continue
                     _finish(ready, summary, summaries, bar, shown, configs)
                 else:
                     running[pool.submit(_fit_run, cfg.base, overrides, False, deadline)] = ready
-            if out_of_time and not running:
-                break
+            if queue and not running and (out_of_time() or not any(
+                    not r.match_label or r.match_label in summaries for r in queue)):
+                break  # budget spent, or the rest waits for runs that failed
             if not running:
-                if queue and not any(not r.match_label or r.match_label in summaries for r in queue):
-                    raise RaptrError(f"runs wait for FLOPs of runs that did not finish: {[r.label for r in queue]}")
                 continue
             done, _ = wait(list(running), timeout=5.0, return_when=FIRST_COMPLETED)
             for future in done:
-                _finish(running.pop(future), future.result(), summaries, bar, shown, configs)
+                run = running.pop(future)
+                try:
+                    _finish(run, future.result(), summaries, bar, shown, configs)
+                except RaptrError as e:
+                    _failed(run, e, failed)
             for r in running.values():
                 step = last_step(configs[r.label].out_dir)
                 bar.update(max(0, step - shown.get(r.label, 0)))
@@ -297,6 +316,12 @@ def _execute(cfg: CompareConfig, todo: list[PlannedRun], configs: dict, summarie
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+    return failed
+
+
+def _failed(run: PlannedRun, error: Exception, failed: dict) -> None:
+    failed[run.label] = (str(error).splitlines() or [""])[0]
+    tqdm.write(f"failed {run.label}: {failed[run.label]}")
 
 
 def _finish(run: PlannedRun, summary: dict, summaries: dict, bar, shown: dict, configs: dict) -> None:

@@ -105,8 +105,10 @@ def load_runs(root: Path, cfg: CompareConfig | None) -> list[Run]:
             continue
         config = _read_json(d / "config.json") or {}
         where = parse_label(d.name, cfg) if cfg else None
-        arm, seed = where if where else (d.name, config.get("train", {}).get("seed", 0))
-        rows = read_jsonl(metrics)[0]
+        arm = where[0] if where else d.name
+        seed = config.get("train", {}).get("seed", where[1] if where else 0)  # the seed the run really used
+        rows = [r for r in read_jsonl(metrics)[0]
+                if r["kind"] != "eval" or isinstance(r.get("val_loss"), (int, float))]  # non-finite evals are null
         run = Run(d.name, arm, seed, summary, [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"])
         if table:
             _calibrate(run, table)
@@ -186,11 +188,6 @@ def build_evidence(root: str | Path) -> dict:
     if not base_runs:
         raise RaptrError(f"the baseline arm '{baseline}' has no finished run yet: run it first "
                          f"(raptr compare ... --only {baseline})")
-    first_base = base_runs[min(base_runs)]
-
-    def base_for(seed: int) -> Run:
-        return base_runs.get(seed, first_base)
-
     arms = []
     for name in _arm_order(cfg, finished):
         seeds = by_arm.get(name, {})
@@ -198,19 +195,20 @@ def build_evidence(root: str | Path) -> dict:
             continue
         finals = [seeds[s].final for s in sorted(seeds)]
         mean, std = mean_std(finals)
-        rel = [seeds[s].summary["flops"] / base_for(s).summary["flops"] for s in sorted(seeds)]
-        ttt = [_time_to_target(seeds[s], base_for(s).final, base_for(s)) for s in sorted(seeds)]
+        paired = [s for s in sorted(seeds) if s in base_runs]  # ratios only against the same seed's baseline
+        rel = [seeds[s].summary["flops"] / base_runs[s].summary["flops"] for s in paired]
+        ttt = [_time_to_target(seeds[s], base_runs[s].final, base_runs[s]) for s in paired]
         method = seeds[min(seeds)].summary.get("method")
         arms.append({
             "arm": name, "method": method, "seeds": sorted(seeds), "steps": [seeds[s].summary["steps"] for s in sorted(seeds)],
-            "rel_flops": sum(rel) / len(rel), "rel_flops_per_seed": rel,
+            "rel_flops": sum(rel) / len(rel) if rel else None, "rel_flops_per_seed": rel, "ratio_seeds": paired,
             "final_val_loss": finals, "final_val_loss_mean": mean, "final_val_loss_std": std,
             "time_to_target_flops_ratio": _mean_or_none([t["flops_ratio"] for t in ttt]),
             "time_to_target_flops_ratio_per_seed": [t["flops_ratio"] for t in ttt],
             "time_to_target_wallclock_ratio_raw": _mean_or_none([t["wallclock_ratio_raw"] for t in ttt]),
             "time_to_target_wallclock_ratio_calibrated": _mean_or_none([t["wallclock_ratio_calibrated"] for t in ttt]),
-            "wallclock_ratio_raw": sum(seeds[s].summary["train_seconds"] / base_for(s).summary["train_seconds"]
-                                       for s in seeds) / len(seeds),
+            "wallclock_ratio_raw": _mean_or_none([seeds[s].summary["train_seconds"] / base_runs[s].summary["train_seconds"]
+                                                  for s in paired]) if paired else None,
             "git_commits": sorted({str(seeds[s].summary.get("git_commit")) for s in seeds}),
         })
     references = [r for r in (cfg.references if cfg else [baseline]) if r in by_arm]
@@ -272,9 +270,11 @@ def make_report(root: str | Path) -> Path:
         below = "-" if plateau is None else f"{plateau - a['final_val_loss_mean']:.2f}"
         ttt = a["time_to_target_flops_ratio"]
         reached = sum(v is not None for v in a["time_to_target_flops_ratio_per_seed"])
-        ttt_s = _f(ttt, ".3f") if ttt is not None else f"not reached ({reached}/{len(a['seeds'])} seeds)"
+        n_paired = len(a["ratio_seeds"])
+        ttt_s = (_f(ttt, ".3f") if ttt is not None else
+                 f"not reached ({reached}/{n_paired} seeds)" if n_paired else "no same-seed baseline")
         std = f" ± {a['final_val_loss_std']:.4f}" if a["final_val_loss_std"] is not None else " (1 seed)"
-        lines.append(f"| {a['arm']} ({a['method']}) | {len(a['seeds'])} | {a['rel_flops']:.3f} | {a['final_val_loss_mean']:.4f}{std} "
+        lines.append(f"| {a['arm']} ({a['method']}) | {len(a['seeds'])} | {_f(a['rel_flops'], '.3f')} | {a['final_val_loss_mean']:.4f}{std} "
                      f"| {', '.join(f'{v:.4f}' for v in a['final_val_loss'])} | {below} | {ttt_s} "
                      f"| {_f(a['time_to_target_wallclock_ratio_calibrated'], '.3f')} / {_f(a['time_to_target_wallclock_ratio_raw'], '.3f')} |")
     cal = ev["step_cost"]

@@ -77,7 +77,7 @@ def truncate_jsonl(path: Path, last_step: int) -> int:
     rows, bad = read_jsonl(path)
     keep = [r for r in rows if r["step"] <= last_step]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
+    tmp.write_text("".join(json.dumps(strict(r), allow_nan=False) + "\n" for r in keep))
     os.replace(tmp, path)
     return bad
 

@@ -53,7 +53,10 @@ class Preempted(RaptrError):
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
-        self.exit_code = 128 + signum
+        self.signum, self.exit_code = signum, 128 + signum
+
+    def __reduce__(self):  # crosses process boundaries (compare --workers)
+        return Preempted, (str(self), self.signum)
 
 
 def lr_at(step: int, total: int, opt: OptimConfig) -> float:
@@ -263,6 +266,9 @@ class Trainer:
                 old = load_state(checkpoint_dirs(self.ckpt_dir)[-1]).get("config", {})
                 self._warn(f"{saved} was damaged; rewritten from the newest checkpoint's config")
             before, now = flatten(old), flatten(mine)
+            for flat in (before, now):  # compare the path seed in effect (runs before it existed used train.seed)
+                if flat.get("train.path_seed", -1) in (-1, None):
+                    flat["train.path_seed"] = flat.get("train.seed")
             diff = [k for k in now if before.get(k) != now[k]]
             allowed = SAFE_ON_RESUME | ({"train.steps"} if self.method.extendable else set())
             unsafe = [k for k in diff if k not in allowed]
@@ -347,12 +353,18 @@ class Trainer:
             deadline: float | None = None) -> dict:
         """Train to ``train.steps`` (or stop after ``stop_after`` more steps, or at the first step boundary
         after the ``time.time()`` ``deadline``, with a checkpoint to resume from); returns the summary."""
-        lock = None
+        lock, problem = None, None
         if self.is_main:
-            if self.out_dir.exists() and not self.out_dir.is_dir():
-                raise RaptrError(f"train.out_dir {self.out_dir} is a file: give a directory path")
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            lock = RunLock(self.out_dir).acquire()
+            try:
+                if self.out_dir.exists() and not self.out_dir.is_dir():
+                    raise RaptrError(f"train.out_dir {self.out_dir} is a file: give a directory path")
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                lock = RunLock(self.out_dir).acquire()
+            except RaptrError as e:
+                problem = e
+        # Under torchrun every rank learns that rank 0 cannot start (instead of waiting for it).
+        if D.all_sum([float(problem is not None)], self.dist)[0] > 0:
+            raise problem or RaptrError(f"rank 0 could not start the run in {self.out_dir}: see its error")
         handlers = self._catch_signals()
         try:
             return self._fit(resume, fresh, stop_after, deadline)
@@ -489,8 +501,11 @@ class Trainer:
         summary = self.summary()
         if preempted:
             signum = self._signal or signal.SIGTERM
-            raise Preempted(f"stopped by {signal.Signals(signum).name} at step {self.step}/{self.total_steps} with a "
-                            f"checkpoint in {self.ckpt_dir}: run the same command again to resume", signum)
+            last = checkpoint_dirs(self.ckpt_dir)
+            where = (f"with a checkpoint in {last[-1]}" if last and last[-1].name == f"step_{self.step:07d}" else
+                     f"(inside non-finite steps: it resumes from {last[-1].name if last else 'the start'})")
+            raise Preempted(f"stopped by {signal.Signals(signum).name} at step {self.step}/{self.total_steps} {where}: "
+                            "run the same command again to resume", signum)
         return summary
 
     def _drop_checkpoint_at(self, step: int) -> str:
