@@ -126,3 +126,10 @@ def test_deadline_checkpoints_and_resumes_exactly(tmp_path, data_cache):
     losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
                if '"train"' in line] for d in ("whole", "cut")]
     assert losses[0] == losses[1]
+
+
+def test_spent_budget_starts_nothing(tmp_path, data_cache, capsys):
+    cfg = scaled(load_compare_config("compare/clm-tiny", TINY + ["train.steps=6", f"data.cache_dir={data_cache}"]))
+    root = run_compare(cfg, tmp_path, progress=False, budget_minutes=1e-6)  # spent before the first run
+    assert not (root / "runs").exists() or not any((root / "runs").iterdir())
+    assert "not finished (run the same command again to continue)" in capsys.readouterr().out
