@@ -215,7 +215,7 @@ def build_evidence(root: str | Path) -> dict:
     comparisons = []
     for a in arms:
         for ref in references:
-            if a["arm"] == ref:
+            if a["arm"] in (ref, baseline):  # the baseline against the other references is the same pair flipped
                 continue
             diff = paired_difference({s: r.final for s, r in by_arm[a["arm"]].items()},
                                      {s: r.final for s, r in by_arm[ref].items()})
