@@ -191,3 +191,14 @@ def test_raptr_step_sets_the_sampled_path_and_state_round_trips():
         RaPTr(_tiny().blocks, Schedule.parse("3-4-6", 6, 60), seed=0).load_state_dict(raptr.state_dict())
     with pytest.raises(RaptrError, match="schedule is for 12 layers"):
         RaPTr(_tiny().blocks, Schedule.parse("6-12", 12, 10))
+
+
+def test_wrapping_twice_is_refused_and_unwrap_allows_it_again():
+    import raptr
+
+    model = TransformerLM(TransformerConfig(vocab_size=97, d_model=32, n_layers=4, n_heads=2, d_ff=64, max_seq_len=16))
+    first = raptr.wrap(model, schedule="3-4", total_steps=10)
+    with pytest.raises(RaptrError, match="already wrapped by raptr"):
+        raptr.wrap(model, schedule="3-4", total_steps=10)
+    first.gates.unwrap()
+    raptr.wrap(model, schedule="3-4", total_steps=10)  # fine once unwrapped

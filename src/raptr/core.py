@@ -419,6 +419,9 @@ class GatedLayers:
     def __init__(self, layers: nn.ModuleList):
         if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
             raise RaptrError(f"expected the model's nn.ModuleList of layers, got {type(layers).__name__}")
+        if any(isinstance(layer, LayerGate) for layer in layers):
+            raise RaptrError("these layers are already wrapped by raptr (a RaPTr, PLD or LayerDrop gate): wrap a model "
+                             "once, or call .gates.unwrap() on the first wrapper before wrapping again")
         self.layers = layers
         self.original_classes = [type(layer) for layer in layers]
         for layer in layers:
