@@ -3,7 +3,7 @@
 RaPTr v2 (Panigrahi et al., §"polynomial") argues that PLD, which shrinks the network late in
 training, cannot learn the high-degree part of a target, while RaPTr (growing paths) learns the
 low degrees first and the high degrees once the paths are long. The paper's exact setting could
-not be recovered (research/paper.md §2.5), so this experiment fixes its own, and the report says so:
+not be recovered (docs/paper.md), so this experiment fixes its own, and the report says so:
 
 - inputs x uniform on {±1}^d; target f*(x) = Σ_k Σ_{S ∈ T_k} c_S χ_S(x), χ_S(x) = Π_{i∈S} x_i, with
   ``terms_per_degree`` monomials of each degree k = 1..K and one coefficient per degree;

@@ -4,7 +4,7 @@
     with layer ℓ skipped (identity), averaged over ℓ, versus depth L, for residual + LN, residual
     without LN, and LN without residual:
     (i)  linear blocks (the paper's Lemma): y ← y + W·LN(y) / y ← y + W·y / y ← LN(W·y), W ~ N(0, 1/d),
-         output LN(y_L) / y_L / y_L (research/paper.md §3.4 has a numpy table to compare with);
+         output LN(y_L) / y_L / y_L (PAPER_TABLE below is a numpy simulation to compare with);
     (ii) our reference transformer blocks (``models.reference.TransformerLM`` with its
          ``layer_norm`` / ``residual`` switches), output = the final-LN hidden states.
     Claim: Ψ decays like O(1/√L) only with both residual connections and LayerNorm.
@@ -100,7 +100,7 @@ def stability(blocks: Sequence[Callable[[torch.Tensor], torch.Tensor]], x: torch
     """Ψ_ℓ for the network ``output(block_L(...block_1(x)))``; skipping ℓ makes block ℓ the identity.
 
     Returns, per 0-based ℓ, ``psi`` = E‖F − F_{−ℓ}‖ / E‖F‖ (norms over all but the first dim of x,
-    expectations over its rows) and ``psi_ratio`` = E[‖F − F_{−ℓ}‖ / ‖F‖] (research/paper.md §3.4's form).
+    expectations over its rows) and ``psi_ratio`` = E[‖F − F_{−ℓ}‖ / ‖F‖] (the form of the PAPER_TABLE simulation).
     Prefix states are cached, so the cost is that of running the suffixes.
     """
     states = [x]
@@ -442,7 +442,7 @@ def rebuild_report(out_dir: str | Path, preset: str = "cpu") -> Path:
 
 
 # ---------------------------------------------------------------------------------------- report
-PAPER_TABLE = {  # research/paper.md §3.4 (numpy, mean of per-input ratios), not the paper's own numbers
+PAPER_TABLE = {  # our numpy simulation of the lemma (mean of per-input ratios), not the paper's own numbers
     "res+LN": {4: 0.596, 8: 0.486, 16: 0.379, 32: 0.292, 64: 0.219, 128: 0.159, 256: 0.115},
     "res, no LN": {4: 0.707, 8: 0.711, 16: 0.714, 32: 0.713, 64: 0.738},
     "LN, no res": {4: 1.414, 8: 1.414, 16: 1.410, 32: 1.407, 64: 1.389},
@@ -476,7 +476,7 @@ def _report(results: dict, cfg: StabilityConfig, preset: str) -> str:
                  f"ended stage's subnetwork loss): **{status}** — " + "; ".join(notes) + "." + weak)
     L += ["", "Ψ here is E_x‖F(x) − F_{−ℓ}(x)‖ / E_x‖F(x)‖ (F_{−ℓ}: layer ℓ replaced by the identity), averaged over ℓ "
           f"(all layers, or {cfg.max_skips} evenly spaced ones for deeper networks) and over weight draws. "
-          "ψ_ratio = E_x[‖F − F_{−ℓ}‖ / ‖F‖] is the form of research/paper.md §3.4's table; the two coincide when ‖F(x)‖ "
+          "ψ_ratio = E_x[‖F − F_{−ℓ}‖ / ‖F‖] is the form of the numpy simulation table (stability.PAPER_TABLE); the two coincide when ‖F(x)‖ "
           "is constant (any network ending in LN).", "",
           "## (a)(i) Linear networks at initialisation", "",
           f"d = {cfg.linear_dim}, W_ℓ ~ N(0, 1/d), x ~ N(0, I), {cfg.linear_inputs} inputs, {cfg.linear_draws} weight draws per depth. "
@@ -639,7 +639,7 @@ def _plots(results: dict, cfg: StabilityConfig, out: Path) -> None:
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(list(first), [str(d) for d in first])
         if key == "linear":
-            ax.plot([], [], "x", color="k", label="research note §3.4 table")
+            ax.plot([], [], "x", color="k", label="numpy simulation (PAPER_TABLE)")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)

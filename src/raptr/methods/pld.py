@@ -21,7 +21,7 @@ Where we differ from DeepSpeed, on purpose:
 - DeepSpeed's engine updates θ with ``global_steps`` just before the optimizer step, so its
   forward at step t uses θ(t−1) (θ = 1 for the first two steps); we use θ(t): one step earlier.
 - DeepSpeedExamples appears to rescale a kept layer by the probability of the *next* layer (it
-  passes ``p`` after ``p -= step``; code reading, research/ecosystem.md §1.2); we scale by 1/p_i,
+  passes ``p`` after ``p -= step``; code reading, docs/paper.md); we scale by 1/p_i,
   the probability the layer was actually kept with, so E[scaled branch] = branch.
 - DeepSpeedExamples scales the attention and the FFN branch outputs of a pre-LN block separately
   (so the FFN sees the rescaled attention output); our gate scales the block's whole residual
