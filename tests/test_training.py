@@ -191,8 +191,12 @@ def test_nonfinite_steps_are_not_applied_and_every_checkpoint_is_finite(tmp_path
     for path in kept:  # "last good" is true: every kept checkpoint holds finite weights
         load_weights(path, model)
         assert all(torch.isfinite(p).all() for p in model.parameters()), path
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]  # strict JSON
-    assert any(r.get("skipped") for r in rows)
+    def no_constants(name):
+        raise AssertionError(f"metrics.jsonl holds {name}: not strict JSON")
+
+    rows = [json.loads(line, parse_constant=no_constants)
+            for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("skipped") for r in rows) and any(r.get("loss") is None for r in rows)  # NaN written as null
     resumed = raptr_cli(*[a.replace("optim.lr=1e6", "optim.lr=1e-3") for a in args])  # the advised recovery works
     assert resumed.returncode in (0, 3), resumed.stderr
     assert "resuming at step" in resumed.stderr and "optim.lr: 1000000.0 -> 0.001" in resumed.stderr
@@ -320,3 +324,14 @@ def test_extending_steps_on_resume_only_where_the_method_allows(tmp_path, data_c
     build_trainer(tiny_config(tmp_path / "r", data_cache, "train.steps=4", "train.checkpoint_every=2"), progress=False).fit()
     refused = raptr_cli(*_cli_args(tmp_path / "r", data_cache, "train.steps=6", "train.checkpoint_every=2"))
     assert refused.returncode == 2 and "raptr's schedule depends on train.steps" in refused.stderr, refused.stderr
+
+
+def test_divergence_without_nan_is_warned_and_exits_3(tmp_path, data_cache):
+    result = raptr_cli(*_cli_args(tmp_path, data_cache, "train.steps=40", "train.eval_every=10", "optim.lr=30",
+                                  "train.checkpoint_every=100"))
+    assert result.returncode == 3, result.stderr
+    assert "warning: the run diverged" in result.stderr and "Traceback" not in result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["diverged"] and summary["warnings"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "warning" and "diverg" in r["message"] for r in rows)
