@@ -378,24 +378,57 @@ class LayerGate:
     It overrides ``__call__`` (not ``forward``), so the decision is plain Python outside the
     layer's hooks, gradient checkpointing and compiled code: ``layer.compile()`` or FSDP2's
     ``fully_shard(layer)`` never see it, and changing paths never recompiles anything.
+
+    A skipped layer returns what a run one would, in the same structure: its input as the hidden
+    state, and for a layer that returns a tuple (Falcon, Bloom, T5, every layer of transformers
+    4.x) the same tuple, whose other entries are None or, where the architecture threads values
+    through its layers (T5's position biases), the value the layer was given (``passthrough``:
+    output index -> argument name, from the model registry). Each layer learns its output
+    structure from its own calls (any mode, any path); one skipped before it ever ran takes that of
+    a layer of the same class in its stack that has (the first layer usually runs first), and only
+    if none has, runs once without gradients to learn it.
     """
 
     _gate_run: bool = True
     _gate_scale: float = 1.0
-    _gate_tuple_len: int = 0  # >0 if the layer returns tuples (older transformers); mimicked on skip
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.training or (self._gate_run and self._gate_scale == 1.0):
-            return super().__call__(*args, **kwargs)
+            return self._gate_seen(super().__call__(*args, **kwargs))
         hidden = args[0] if args else kwargs["hidden_states"]
         if not self._gate_run:  # identity: y_l = y_{l-1}
-            return (hidden,) + (None,) * (self._gate_tuple_len - 1) if self._gate_tuple_len else hidden
-        out = super().__call__(*args, **kwargs)
+            return self._gate_identity(hidden, args, kwargs)
+        out = self._gate_seen(super().__call__(*args, **kwargs))
         # y_l = y_{l-1} + a * f(y_{l-1}): scale the whole residual branch of the layer.
         if isinstance(out, tuple):
-            type(self)._gate_tuple_len = len(out)
             return (hidden + self._gate_scale * (out[0] - hidden),) + out[1:]
         return hidden + self._gate_scale * (out - hidden)
+
+    def _gate_seen(self, out: Any) -> Any:
+        n = len(out) if isinstance(out, tuple) else 0
+        self.__dict__["_gate_out_len"] = n  # this instance's contract
+        stack = self.__dict__.get("_gate_stack")
+        if stack is not None:
+            stack[type(self)] = n  # ... and its stack's, for siblings that have not run yet
+        return out
+
+    def _gate_identity(self, hidden: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        n = self.__dict__.get("_gate_out_len")
+        if n is None:
+            n = (self.__dict__.get("_gate_stack") or {}).get(type(self))
+        if n is None:  # neither it nor a sibling ever ran: learn what this layer returns from one real call
+            with torch.no_grad():
+                self._gate_seen(super().__call__(*args, **kwargs))
+            n = self.__dict__["_gate_out_len"]
+        if not n:
+            return hidden
+        passthrough = self.__dict__.get("_gate_passthrough") or {}
+        given = {}
+        if passthrough:
+            import inspect
+
+            given = inspect.signature(self.forward).bind_partial(*args, **kwargs).arguments
+        return (hidden,) + tuple(given.get(passthrough[i]) if i in passthrough else None for i in range(1, n))
 
 
 _GATED_CLASSES: dict[type, type] = {}
@@ -416,7 +449,7 @@ class GatedLayers:
     keeps its length; each layer keeps its attribute names, so ``state_dict`` keys are unchanged.
     """
 
-    def __init__(self, layers: nn.ModuleList):
+    def __init__(self, layers: nn.ModuleList, passthrough: dict[int, str] | None = None):
         if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
             raise RaptrError(f"expected the model's nn.ModuleList of layers, got {type(layers).__name__}")
         if any(isinstance(layer, LayerGate) for layer in layers):
@@ -424,8 +457,12 @@ class GatedLayers:
                              "once, or call .gates.unwrap() on the first wrapper before wrapping again")
         self.layers = layers
         self.original_classes = [type(layer) for layer in layers]
+        self.contracts: dict[type, int] = {}  # output tuple length per layer class, shared by the stack
         for layer in layers:
             layer.__class__ = _gated_class(type(layer))
+            layer.__dict__["_gate_stack"] = self.contracts
+            if passthrough:
+                layer.__dict__["_gate_passthrough"] = dict(passthrough)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -444,7 +481,7 @@ class GatedLayers:
     def unwrap(self) -> None:
         """Give the layers their own classes back (e.g. before pickling the whole model)."""
         for layer, cls in zip(self.layers, self.original_classes):
-            for name in ("_gate_run", "_gate_scale"):
+            for name in ("_gate_run", "_gate_scale", "_gate_out_len", "_gate_passthrough", "_gate_stack"):
                 layer.__dict__.pop(name, None)
             layer.__class__ = cls
 
@@ -482,6 +519,7 @@ class RaPTr:
         sampling: str = "bernoulli",
         scaling: str = "none",
         check_every: int = 50,
+        passthrough: dict[int, str] | None = None,
     ):
         if len(layers) != schedule.num_layers:
             raise RaptrError(f"schedule is for {schedule.num_layers} layers but the stack has {len(layers)}: build the schedule with num_layers={len(layers)}")
@@ -489,7 +527,7 @@ class RaPTr:
             raise RaptrError(f"unknown scaling {scaling!r}: use one of {', '.join(SCALINGS)}")
         self.schedule, self.scaling = schedule, scaling
         self.sampler = PathSampler(schedule.num_layers, schedule.fixed, seed, sampling)
-        self.gates = GatedLayers(layers)
+        self.gates = GatedLayers(layers, passthrough)
         self.last_plan: StepPlan | None = None
         self.agreement = RankAgreement(check_every)  # under torch.distributed: all ranks, same path
 

@@ -17,6 +17,7 @@ from typing import Sequence
 from raptr.core import SCALINGS, GatedLayers, PathSampler, branch_scale, parse_fixed
 from raptr.errors import RaptrError
 from raptr.methods.base import Method, StepInfo, TrainingContext
+from raptr.models.registry import check_must_run, layer_contract
 
 
 @dataclass
@@ -74,7 +75,8 @@ class LayerDrop(Method):
         self.sampler = PathSampler(self.num_layers, self.fixed, context.seed, "bernoulli")
         self.scale = branch_scale(self.keep_prob, self.options.scaling)
         self.scales = [1.0 if i in self.fixed else self.scale for i in range(self.num_layers)]
-        self.gates = GatedLayers(context.layers)
+        check_must_run(context.model, self.fixed, "method.layerdrop.fixed")
+        self.gates = GatedLayers(context.layers, layer_contract(context.model)[0])
 
     def path(self, step: int) -> tuple[bool, ...]:
         """Which layers run at ``step`` (pure: a function of (seed, step) only)."""

@@ -41,6 +41,7 @@ import torch
 from raptr.core import GatedLayers, step_generator
 from raptr.errors import RaptrError
 from raptr.methods.base import Method, StepInfo, TrainingContext
+from raptr.models.registry import check_must_run, layer_contract
 
 
 @dataclass
@@ -67,7 +68,8 @@ class ProgressiveLayerDrop(Method):
     def attach(self, context: TrainingContext) -> None:
         super().attach(context)
         self.num_layers = len(context.layers)
-        self.gates = GatedLayers(context.layers)
+        check_must_run(context.model, (0,), "a method that can skip them (PLD always runs layer 0 only)")
+        self.gates = GatedLayers(context.layers, layer_contract(context.model)[0])
 
     # ------------------------------------------------------------------ the schedule (pure)
     def theta(self, step: int) -> float:

@@ -8,7 +8,7 @@ from torch import nn
 
 from raptr.core import RaPTr, Schedule
 from raptr.methods.base import Method, StepInfo, TrainingContext
-from raptr.models.registry import find_layer_stack
+from raptr.models.registry import check_must_run, find_layer_stack, layer_contract
 
 
 @dataclass
@@ -42,7 +42,9 @@ def wrap(model: nn.Module, schedule: str = "6-8-10-12", total_steps: int = 10_00
     """
     opts = RaPTrOptions(schedule=schedule, **options)
     layers = find_layer_stack(model)
-    return RaPTr(layers, build_schedule(opts, len(layers), total_steps), seed, opts.sampling, opts.scaling, check_every)
+    sched = build_schedule(opts, len(layers), total_steps)
+    check_must_run(model, sched.fixed, "fixed=")
+    return RaPTr(layers, sched, seed, opts.sampling, opts.scaling, check_every, layer_contract(model)[0])
 
 
 class RaPTrMethod(Method):
@@ -56,7 +58,9 @@ class RaPTrMethod(Method):
     def attach(self, context: TrainingContext) -> None:
         super().attach(context)
         schedule = build_schedule(self.options, len(context.layers), context.total_steps)
-        self.raptr = RaPTr(context.layers, schedule, context.seed, self.options.sampling, self.options.scaling)
+        check_must_run(context.model, schedule.fixed, "method.raptr.fixed")
+        self.raptr = RaPTr(context.layers, schedule, context.seed, self.options.sampling, self.options.scaling,
+                           passthrough=layer_contract(context.model)[0])
 
     def begin_step(self, step: int) -> StepInfo:
         plan = self.raptr.step(step)

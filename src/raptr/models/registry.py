@@ -22,6 +22,10 @@ class StackSpec:
     paths: tuple[str, ...]  # attribute paths tried in order (task model, then base model)
     shape: Callable[[object], LayerShape] | None = None
     head_transform: bool = False  # BERT-style d×d transform before the vocabulary projection
+    # Layers that return tuples and thread values through the stack: output index -> the argument
+    # a skipped layer passes on in its place (T5: the position biases block 0 computes for all).
+    passthrough: tuple[tuple[int, str], ...] = ()
+    must_run: tuple[int, ...] = ()  # layers that compute state the others need: never skipped
 
 
 def _bert_shape(c) -> LayerShape:
@@ -55,12 +59,44 @@ REGISTRY: dict[str, StackSpec] = {
     "qwen2": StackSpec(("model.layers", "layers"), _llama_shape),
     "opt": StackSpec(("model.decoder.layers", "decoder.layers"), _opt_shape),
     "gpt_neox": StackSpec(("gpt_neox.layers", "layers"), _neox_shape),
+    # Layers that return tuples (hidden, attention weights or None): skipped ones return the same tuple.
+    "falcon": StackSpec(("transformer.h", "h")),
+    "bloom": StackSpec(("transformer.h", "h")),
+    "gpt_neo": StackSpec(("transformer.h", "h")),
+    "mpt": StackSpec(("transformer.blocks", "blocks")),
+    "deberta-v2": StackSpec(("deberta.encoder.layer", "encoder.layer")),
+    # T5: the encoder's blocks (the decoder runs in full). Block 0 computes the relative position
+    # bias that every later block is given, so it always runs and skipped blocks pass it on.
+    "t5": StackSpec(("encoder.block",), passthrough=((1, "position_bias"), (2, "encoder_decoder_position_bias")),
+                    must_run=(0,)),
 }
 
 
-def register_layer_stack(model_type: str, path: str | tuple[str, ...], shape: Callable[[object], LayerShape] | None = None) -> None:
-    """Teach raptr where ``config.model_type == model_type`` keeps its ``nn.ModuleList`` of layers."""
-    REGISTRY[model_type] = StackSpec((path,) if isinstance(path, str) else tuple(path), shape)
+def register_layer_stack(model_type: str, path: str | tuple[str, ...], shape: Callable[[object], LayerShape] | None = None,
+                         passthrough: dict[int, str] | None = None, must_run: tuple[int, ...] = ()) -> None:
+    """Teach raptr where ``config.model_type == model_type`` keeps its ``nn.ModuleList`` of layers.
+
+    ``passthrough``: for layers returning tuples whose entries later layers consume, output index ->
+    forward argument a skipped layer returns in its place; ``must_run``: layers never to skip."""
+    REGISTRY[model_type] = StackSpec((path,) if isinstance(path, str) else tuple(path), shape,
+                                     passthrough=tuple(sorted((passthrough or {}).items())), must_run=tuple(must_run))
+
+
+def layer_contract(model: nn.Module) -> tuple[dict[int, str], tuple[int, ...]]:
+    """(passthrough, must_run) of the model's layer stack (empty for most architectures)."""
+    spec = _spec(model)
+    return (dict(spec.passthrough), spec.must_run) if spec else ({}, ())
+
+
+def check_must_run(model: nn.Module, always_run: tuple[int, ...] | list[int], option: str) -> None:
+    """Refuse a configuration that could skip a layer the architecture needs every step."""
+    _, must = layer_contract(model)
+    missing = [i for i in must if i not in always_run]
+    if missing:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise RaptrError(f"{model_type} layer(s) {missing} compute state every other layer uses (e.g. T5's position "
+                         f"bias in block 0), so they must always run: set {option} to include {missing} "
+                         "(e.g. 'first,last')")
 
 
 def _get(obj: object, path: str):

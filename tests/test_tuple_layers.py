@@ -1,0 +1,101 @@
+"""Architectures whose layers return tuples (hidden, attention weights / position biases, ...):
+a skipped layer must return the same structure and pass on what later layers need, so a partial
+path gives exactly the loss and gradients of the model with the skipped layers removed."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import raptr
+from raptr.errors import RaptrError
+from raptr.models.registry import find_layer_stack
+
+tf = pytest.importorskip("transformers")
+
+ACTIVE = [True, False, True, False, False, True]  # first and last fixed, 2 of 4 free layers run
+
+
+def build(name):
+    torch.manual_seed(0)
+    if name == "falcon":
+        return tf.FalconForCausalLM(tf.FalconConfig(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, vocab_size=100))
+    if name == "bloom":
+        return tf.BloomForCausalLM(tf.BloomConfig(hidden_size=64, n_layer=6, n_head=4, vocab_size=100))
+    if name == "gpt_neo":
+        return tf.GPTNeoForCausalLM(tf.GPTNeoConfig(hidden_size=64, num_layers=6, num_heads=4, vocab_size=100,
+                                                    attention_types=[[["global", "local"], 3]], max_position_embeddings=64,
+                                                    bos_token_id=0, eos_token_id=0))
+    if name == "mpt":
+        return tf.MptForCausalLM(tf.MptConfig(d_model=64, n_layers=6, n_heads=4, vocab_size=100))
+    if name == "deberta-v2":
+        return tf.DebertaV2ForMaskedLM(tf.DebertaV2Config(hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
+                                                          intermediate_size=128, vocab_size=100, hidden_dropout_prob=0.0,
+                                                          attention_probs_dropout_prob=0.0))
+    if name == "t5":
+        return tf.T5ForConditionalGeneration(tf.T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=6, num_decoder_layers=2,
+                                                         num_heads=4, vocab_size=100, dropout_rate=0.0))
+    raise KeyError(name)
+
+
+def loss_of(model, name):
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    extra = {"decoder_input_ids": ids} if name == "t5" else {}
+    return model(input_ids=ids, labels=ids, **extra).loss
+
+
+def without_skipped(model, active):
+    """The reference: the same weights with the skipped layers removed from the stack."""
+    ref = copy.deepcopy(model)
+    layers = find_layer_stack(ref)
+    kept = nn.ModuleList([layer for layer, run in zip(layers, active) if run])
+    parent_path, _, attr = next(p for p in raptr.models.registry.REGISTRY[ref.config.model_type].paths
+                                if ref.get_submodule(p) is layers).rpartition(".")
+    setattr(ref.get_submodule(parent_path) if parent_path else ref, attr, kept)
+    return ref
+
+
+@pytest.mark.parametrize("name", ["falcon", "bloom", "gpt_neo", "mpt", "deberta-v2", "t5"])
+def test_partial_path_equals_the_model_without_the_skipped_layers(name):
+    model = build(name).train()
+    plain = copy.deepcopy(model)
+    rp = raptr.wrap(model, schedule="3-6", total_steps=10)
+    rp.gates.run_all()
+    assert torch.equal(loss_of(model, name), loss_of(plain, name))  # full path: bitwise the unwrapped model
+    ref = without_skipped(plain, ACTIVE)
+    rp.gates.set_path(ACTIVE)
+    loss, want = loss_of(model, name), loss_of(ref, name)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    want.backward()
+    layers = find_layer_stack(model)
+    for i, (layer, run) in enumerate(zip(layers, ACTIVE)):
+        if not run:
+            assert all(p.grad is None for p in layer.parameters()), (name, i)
+    kept = [layer for layer, run in zip(layers, ACTIVE) if run]
+    for mine, theirs in zip(kept, find_layer_stack(ref)):  # the kept layers' gradients match the reference's
+        for (n, p), (_, q) in zip(mine.named_parameters(), theirs.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"{name} {n}")
+    in_layers = {id(p) for p in layers.parameters()}
+    outside = [(n, p) for n, p in model.named_parameters() if id(p) not in in_layers]
+    ref_outside = dict((n, p) for n, p in ref.named_parameters())
+    for n, p in outside:  # embeddings, norms, heads
+        torch.testing.assert_close(p.grad, ref_outside[n].grad, rtol=1e-5, atol=1e-6, msg=f"{name} {n}")
+    model.eval()
+    plain.eval()
+    with torch.no_grad():  # eval runs the full model whatever the path
+        assert torch.equal(loss_of(model, name), loss_of(plain, name))
+
+
+def test_skipped_before_ever_running_learns_its_own_output_structure():
+    model = build("falcon").train()
+    rp = raptr.wrap(model, schedule="p:0.5-1", total_steps=10, fixed="none")
+    rp.gates.set_path([False, True, False, True, False, True])  # layer 0 skipped at the very first call
+    ref = without_skipped(copy.deepcopy(model), [False, True, False, True, False, True])
+    torch.testing.assert_close(loss_of(model, "falcon"), loss_of(ref, "falcon"), rtol=1e-6, atol=1e-6)
+
+
+def test_t5_block_zero_must_stay_fixed():
+    with pytest.raises(RaptrError, match=r"t5 layer\(s\) \[0\] compute state every other layer uses"):
+        raptr.wrap(build("t5"), schedule="p:0.5-1", total_steps=10, fixed="none")
