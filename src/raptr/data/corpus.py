@@ -580,13 +580,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
 GROUPS["default"] = GROUPS["lit"] + GROUPS["tech"] + GROUPS["ref"]
 
 
-def available_sources() -> dict[str, str]:
-    """Built-in source and group names with a one-line description (for CLI help)."""
-    out = {g: "group: " + ", ".join(names) for g, names in GROUPS.items()}
-    out.update({n: f"{s.description} [{s.licence}]" for n, s in SOURCES.items()})
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Fetching .deb files
 # --------------------------------------------------------------------------------------------

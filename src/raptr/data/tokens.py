@@ -198,10 +198,6 @@ class PackedTokens:
             self._orders[key] = rng.permutation(self.num_windows)
         return self._orders[key]
 
-    def epoch(self, step: int, batch_size: int) -> float:
-        """Epochs completed after ``step`` batches (for logging)."""
-        return step * batch_size / self.num_windows
-
     def _rows(self, windows: np.ndarray) -> torch.Tensor:
         idx = windows[:, None] * self.seq_len + np.arange(self.seq_len)
         return torch.from_numpy(self.tokens[idx].astype(np.int64))

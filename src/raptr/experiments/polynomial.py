@@ -361,26 +361,6 @@ def run(out_dir: str | Path, preset: str = "cpu", progress: bool = True, **overr
     return report
 
 
-def rebuild_report(out_dir: str | Path, preset: str = "cpu") -> Path:
-    """Rewrite ``report.md`` and the plots from ``results.json`` without training again."""
-    out = Path(out_dir)
-    path = out / "results.json"
-    if not path.is_file():
-        raise RaptrError(f"no results.json in {out}: run `raptr experiment polynomial --out {out}` first")
-    data = json.loads(path.read_text())
-    cfg = PolynomialConfig(**data["config"])
-    runs = data["runs"]
-    for r in runs:  # JSON turned the degree keys into strings
-        for h in r["history"]:
-            h["degree_error"] = {int(k): v for k, v in h["degree_error"].items()}
-    target, schedule = make_target(cfg), raptr_schedule(cfg)
-    _plots(runs, cfg, target, schedule, data["pld_gamma"], out)
-    report = out / "report.md"
-    report.write_text(_report(runs, cfg, target, schedule, data["pld_gamma"], data["expected_relative_flops"],
-                              (data["seconds"], data.get("cpu_seconds", float("nan"))), preset))
-    return report
-
-
 # ---------------------------------------------------------------------------------------- report
 def _final(run: dict) -> dict:
     return run["history"][-1]
@@ -428,7 +408,7 @@ def _report(runs, cfg, target, schedule, gamma, expected, seconds, preset) -> st
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
     base_flops = cfg.steps * cfg.n_layers * ResidualMLP(cfg.d, cfg.width, cfg.hidden, cfg.n_layers).block_flops(cfg.batch_size)
     status, detail = verdict(runs, degrees)
-    L = [f"# Polynomial (Boolean) experiment: which degrees does each method learn?", "",
+    L = ["# Polynomial (Boolean) experiment: which degrees does each method learn?", "",
          f"Preset `{preset}`; {len(cfg.seeds)} seed(s) × {len(methods)} methods, {cfg.steps} steps each; "
          f"total {seconds:.0f} s wall-clock, {cpu_seconds:.0f} s CPU time, {cfg.threads or torch.get_num_threads()} torch "
          "thread(s) (wall-clock > CPU time means the machine was shared). "
@@ -446,7 +426,7 @@ def _report(runs, cfg, target, schedule, gamma, expected, seconds, preset) -> st
          f"per seed for every method.",
          f"- Training: fresh uniform samples every step (batch {cfg.batch_size}; the same stream for every method of a seed), "
          f"MSE, Adam (lr {cfg.lr:g}, {cfg.warmup_steps} warm-up steps, cosine decay to {cfg.min_lr_ratio:g}×), {cfg.steps} steps.",
-         f"- **Baseline**: the full network every step.",
+         "- **Baseline**: the full network every step.",
          f"- **RaPTr**: `core.RaPTr` on the block list, schedule {cfg.raptr_schedule} (expected path per stage; "
          f"fixed layers {cfg.raptr_fixed} counted), equal stages, keep probs "
          f"{', '.join(f'{s.keep_prob:.2f}' for s in schedule.stages)}, branch scaling `{cfg.raptr_scaling}`.",

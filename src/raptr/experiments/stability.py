@@ -425,22 +425,6 @@ def run(out_dir: str | Path, preset: str = "cpu", progress: bool = True, **overr
     return report
 
 
-def rebuild_report(out_dir: str | Path, preset: str = "cpu") -> Path:
-    """Rewrite ``report.md`` and the plots from ``results.json`` without measuring again."""
-    out = Path(out_dir)
-    path = out / "results.json"
-    if not path.is_file():
-        raise RaptrError(f"no results.json in {out}: run `raptr experiment stability --out {out}` first")
-    results = json.loads(path.read_text())
-    for key in ("linear", "transformer"):  # JSON turned the depths into strings
-        results[key] = {a: {int(L): v for L, v in table.items()} for a, table in results[key].items()}
-    cfg = StabilityConfig(**results["config"])
-    _plots(results, cfg, out)
-    report = out / "report.md"
-    report.write_text(_report(results, cfg, preset))
-    return report
-
-
 # ---------------------------------------------------------------------------------------- report
 PAPER_TABLE = {  # our numpy simulation of the lemma (mean of per-input ratios), not the paper's own numbers
     "res+LN": {4: 0.596, 8: 0.486, 16: 0.379, 32: 0.292, 64: 0.219, 128: 0.159, 256: 0.115},

@@ -161,9 +161,6 @@ class GradualStacking(Method):
     def stage_boundaries(self) -> list[int]:
         return self.starts[1:]
 
-    def depth_at(self, step: int) -> int:
-        return self.depths[self.stage_of(step)]
-
     def lr_factor(self, step: int) -> float:
         """Linear re-warm-up over ``rewarmup_steps`` after each growth (1.0 in stage 0 or when off)."""
         stage, warm = self.stage_of(step), self.options.rewarmup_steps
