@@ -60,6 +60,13 @@ def test_report_and_evidence_match_the_logs(comparison):
     assert arms["baseline"]["final_val_loss"] == [s["baseline"]["final_val_loss"], s["baseline-seed1"]["final_val_loss"]]
     assert arms["raptr"]["rel_flops"] == pytest.approx(s["raptr"]["flops"] / s["baseline"]["flops"])
     assert arms["baseline"]["time_to_target_flops_ratio"] == pytest.approx(1.0, abs=0.2)
+    from raptr.experiments.stats import first_crossing
+
+    base_evals = [json.loads(line) for line in (root / "runs/baseline/metrics.jsonl").read_text().splitlines()
+                  if '"eval"' in line]
+    at = first_crossing([e["flops"] for e in base_evals], [e["val_loss"] for e in base_evals], s["raptr"]["final_val_loss"])
+    want = None if at is None else at / s["raptr"]["flops"]
+    assert arms["raptr"]["baseline_flops_to_arm_loss_ratio"] == (pytest.approx(want) if want is not None else None)
     raptr = next(c for c in ev["comparisons"] if c["arm"] == "raptr" and c["against"] == "baseline")
     assert raptr["n"] == 1 and raptr["ci95"] is None and raptr["verdict"] == "one seed: no interval"
     assert raptr["mean_diff"] == pytest.approx(s["raptr"]["final_val_loss"] - s["baseline"]["final_val_loss"])

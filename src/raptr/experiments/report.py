@@ -167,6 +167,11 @@ def transitions(run: Run, base: Run | None = None) -> list[dict]:
     return out
 
 
+def _baseline_flops_to(base: Run, run: Run) -> float | None:
+    at = first_crossing([e["flops"] for e in base.eval], [e["val_loss"] for e in base.eval], run.final)
+    return None if at is None else at / run.summary["flops"]
+
+
 def _mean_or_none(values: list) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals and len(vals) == len(values) else None
@@ -198,6 +203,9 @@ def build_evidence(root: str | Path) -> dict:
         paired = [s for s in sorted(seeds) if s in base_runs]  # ratios only against the same seed's baseline
         rel = [seeds[s].summary["flops"] / base_runs[s].summary["flops"] for s in paired]
         ttt = [_time_to_target(seeds[s], base_runs[s].final, base_runs[s]) for s in paired]
+        # The other way round: the FLOPs the baseline needed to reach this arm's final loss, over the
+        # arm's FLOPs (> 1: the arm got there cheaper; < 1: its savings did not pay).
+        reverse = [_baseline_flops_to(base_runs[s], seeds[s]) for s in paired]
         method = seeds[min(seeds)].summary.get("method")
         arms.append({
             "arm": name, "method": method, "seeds": sorted(seeds), "steps": [seeds[s].summary["steps"] for s in sorted(seeds)],
@@ -205,6 +213,8 @@ def build_evidence(root: str | Path) -> dict:
             "final_val_loss": finals, "final_val_loss_mean": mean, "final_val_loss_std": std,
             "time_to_target_flops_ratio": _mean_or_none([t["flops_ratio"] for t in ttt]),
             "time_to_target_flops_ratio_per_seed": [t["flops_ratio"] for t in ttt],
+            "baseline_flops_to_arm_loss_ratio": _mean_or_none(reverse),
+            "baseline_flops_to_arm_loss_ratio_per_seed": reverse,
             "time_to_target_wallclock_ratio_raw": _mean_or_none([t["wallclock_ratio_raw"] for t in ttt]),
             "time_to_target_wallclock_ratio_calibrated": _mean_or_none([t["wallclock_ratio_calibrated"] for t in ttt]),
             "wallclock_ratio_raw": _mean_or_none([seeds[s].summary["train_seconds"] / base_runs[s].summary["train_seconds"]
@@ -264,8 +274,8 @@ def make_report(root: str | Path) -> Path:
             m["label"] + (f" (at step {m['steps_done']})" if m["steps_done"] else "") for m in ev["missing"]) + "."]
     lines += ["", "## Arms", "",
               "| arm (method) | seeds | rel. FLOPs | final val loss, mean ± std | per seed | below plateau "
-              "| FLOPs to baseline's loss | wall-clock to it (calibrated / raw) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| FLOPs to baseline's loss | wall-clock to it (calibrated / raw) | baseline's FLOPs to this loss / this arm's |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for a in ev["arms"]:
         below = "-" if plateau is None else f"{plateau - a['final_val_loss_mean']:.2f}"
         ttt = a["time_to_target_flops_ratio"]
@@ -276,12 +286,16 @@ def make_report(root: str | Path) -> Path:
         std = f" ± {a['final_val_loss_std']:.4f}" if a["final_val_loss_std"] is not None else " (1 seed)"
         lines.append(f"| {a['arm']} ({a['method']}) | {len(a['seeds'])} | {_f(a['rel_flops'], '.3f')} | {a['final_val_loss_mean']:.4f}{std} "
                      f"| {', '.join(f'{v:.4f}' for v in a['final_val_loss'])} | {below} | {ttt_s} "
-                     f"| {_f(a['time_to_target_wallclock_ratio_calibrated'], '.3f')} / {_f(a['time_to_target_wallclock_ratio_raw'], '.3f')} |")
+                     f"| {_f(a['time_to_target_wallclock_ratio_calibrated'], '.3f')} / {_f(a['time_to_target_wallclock_ratio_raw'], '.3f')} "
+                     f"| {_f(a['baseline_flops_to_arm_loss_ratio'], '.3f')} |")
     cal = ev["step_cost"]
     lines += ["", f"*rel. FLOPs*: the run's exact training FLOPs (from the layers that ran) over the `{ev['baseline']}` run "
               "of the same seed. *FLOPs to baseline's loss* (time-to-target): training FLOPs at which the arm's full-model "
               f"val loss first reaches the final loss of `{ev['baseline']}` (same seed; interpolated between evaluations), "
               f"over `{ev['baseline']}`'s total: below 1 is a speed-up. *Wall-clock*: the same ratio in seconds. "
+              f"*Baseline's FLOPs to this loss*: the FLOPs at which `{ev['baseline']}` (same seed) first reached the arm's "
+              "final loss, over the arm's FLOPs: above 1, the arm reached its loss for fewer FLOPs than standard training "
+              "needs for it; below 1, its FLOP savings did not pay. "
               + ("Calibrated seconds come from per-step costs by layers run, measured in one quiet interleaved run "
                  f"(`step_cost.json`: {cal.get('note', '')}); raw seconds are what the runs logged while sharing a "
                  "loaded machine, so they are noise-prone." if cal else
