@@ -417,7 +417,8 @@ def _plots(ev: dict, runs: list[Run], by_arm: dict[str, dict[int, Run]], root: P
                             color=colors[arm], alpha=0.15)
     ax.axhline(0, color="black", lw=0.8)
     ax.set(xlabel="training FLOPs", ylabel="val loss difference (nats)", title=PLOTS["paired_difference.png"].split(" (")[0])
-    ax.set_ylim(-0.4, 0.6)
+    lo, hi = ax.get_ylim()  # the first evaluations can differ a lot: keep the view on the bulk of training
+    ax.set_ylim(max(lo, -1.0), min(hi, 1.0))
     ax.legend(fontsize=8)
     _save(fig, root / "paired_difference.png")
 
