@@ -7,6 +7,7 @@ from torch._dynamo.utils import counters
 
 from raptr.training.build import build_trainer
 from raptr.training.config import load_config
+from conftest import AUSTEN_DATA
 
 
 def test_compiled_blocks_keep_random_paths_and_bounded_recompiles(tmp_path, data_cache):
@@ -16,7 +17,7 @@ def test_compiled_blocks_keep_random_paths_and_bounded_recompiles(tmp_path, data
         "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_layers=6", "data.vocab_size=1024",
         "data.seq_len=32", "train.batch_size=4", "train.eval_batches=1", "train.threads=1", "train.steps=16",
         "train.eval_every=8", "method.raptr.schedule=3-6", "method.raptr.stage_lengths=0.75,0.25",
-        f"data.cache_dir={data_cache}", "data.sources=austen", f"train.out_dir={tmp_path}/run", "train.compile=true"])
+        f"data.cache_dir={data_cache}", *AUSTEN_DATA, f"train.out_dir={tmp_path}/run", "train.compile=true"])
     trainer = build_trainer(cfg, progress=False)
     paths = []
     original = trainer.method.begin_step

@@ -1,6 +1,7 @@
-"""Corpus, tokenizer and token-file tests on the real `austen` corpus (built once per session).
+"""Corpus, tokenizer and token-file tests on real text: the Austen chapters shipped in tests/fixtures.
 
-The first run downloads one 1.6 MB Debian package into ~/.cache/raptr/debian; later runs reuse it.
+The tests marked slow read the Debian packages themselves (the first run downloads one 1.6 MB
+package into ~/.cache/raptr/debian; later runs reuse it).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from raptr.data.corpus import build_corpus, iter_documents, load_manifest
 from raptr.data.tokenizer import load_tokenizer, special_ids, train_tokenizer
 from raptr.data.tokens import PackedTokens, tokenize_corpus
 from raptr.errors import RaptrError
+from conftest import AUSTEN
 
 SEQ = 128
 
@@ -25,7 +28,7 @@ SEQ = 128
 @pytest.fixture(scope="session")
 def austen(tmp_path_factory):
     out = tmp_path_factory.mktemp("austen")
-    manifest = build_corpus(out, ["austen"], progress=False)
+    manifest = build_corpus(out, [AUSTEN], val_fraction=0.15, progress=False)
     return out, manifest
 
 
@@ -56,18 +59,36 @@ def test_manifest_matches_files(austen):
     corpus_dir, manifest = austen
     assert set(manifest["sources"]) == {"austen"}
     src = manifest["sources"]["austen"]
-    assert src["package"] == "r-cran-janeaustenr" and "public domain" in src["licence"]
+    assert src["kind"] == "local" and src["path"].endswith("fixtures/austen")
     for split in ("train", "val"):
         docs = _docs(corpus_dir, split)
         assert len(docs) == manifest["splits"][split]["docs"] == src[split]["docs"] > 0
         assert sum(len(d["text"].encode()) for d in docs) == manifest["splits"][split]["bytes"]
         assert all(d["source"] == "austen" and d["text"].strip() for d in docs)
     assert load_manifest(corpus_dir) == manifest
+    # ~585 KB of Austen: 48 chapters of a few KB to tens of KB, one document each
+    total = manifest["splits"]["train"]["bytes"] + manifest["splits"]["val"]["bytes"]
+    assert 5.5e5 < total < 6.2e5
+    assert manifest["splits"]["train"]["docs"] + manifest["splits"]["val"]["docs"] == 48
+    sizes = [len(d["text"]) for d in _docs(corpus_dir, "train")]
+    assert 1_000 < np.median(sizes) < 40_000 and max(sizes) <= corpus_mod.MAX_DOC_CHARS
+
+
+@pytest.mark.slow
+def test_debian_austen_source(tmp_path):
+    manifest = build_corpus(tmp_path, ["austen"], progress=False)
+    src = manifest["sources"]["austen"]
+    assert src["package"] == "r-cran-janeaustenr" and "public domain" in src["licence"]
     # ~4 MB of Austen, chapters of a few KB to tens of KB
     total = manifest["splits"]["train"]["bytes"] + manifest["splits"]["val"]["bytes"]
     assert 3.5e6 < total < 4.5e6
-    sizes = [len(d["text"]) for d in _docs(corpus_dir, "train")]
+    sizes = [len(d["text"]) for d in _docs(tmp_path, "train")]
     assert 1_000 < np.median(sizes) < 40_000 and max(sizes) <= corpus_mod.MAX_DOC_CHARS
+    # the shipped fixture is this package's text, unchanged
+    fixture = {d.stem: d.read_text().strip() for d in (Path(AUSTEN.split("=", 1)[1]) / "mansfield_park").glob("*.txt")}
+    shipped = {d["doc"].split("/", 1)[1]: d["text"] for s in ("train", "val") for d in _docs(tmp_path, s)
+               if d["doc"].startswith("mansfield_park/")}
+    assert fixture and all(shipped[k] == v for k, v in fixture.items())
 
 
 def test_train_val_documents_do_not_overlap(austen):
@@ -86,9 +107,9 @@ def test_train_val_documents_do_not_overlap(austen):
 
 def test_split_is_deterministic_by_seed(austen, tmp_path):
     corpus_dir, manifest = austen
-    again = build_corpus(tmp_path / "same", ["austen"], progress=False)
+    again = build_corpus(tmp_path / "same", [AUSTEN], val_fraction=0.15, progress=False)
     assert again["splits"] == manifest["splits"]
-    other = build_corpus(tmp_path / "other", ["austen"], seed=1, progress=False)
+    other = build_corpus(tmp_path / "other", [AUSTEN], seed=1, val_fraction=0.15, progress=False)
     val_ids = {d["doc"] for d in _docs(corpus_dir, "val")}
     assert {d["doc"] for d in _docs(tmp_path / "other", "val")} != val_ids
     assert other["splits"]["train"]["docs"] + other["splits"]["val"]["docs"] == (
@@ -163,7 +184,8 @@ def test_clean_errors(tmp_path, monkeypatch):
         build_corpus(tmp_path / "o", ["austen"], cache_dir=tmp_path / "nocache", progress=False)
 
 
-def test_unavailable_sources_are_skipped(austen, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_unavailable_sources_are_skipped(tmp_path, monkeypatch):
     real = corpus_mod.fetch_debs
 
     def fetch_without_bible(specs, cache_dir):
@@ -315,3 +337,20 @@ def test_default_corpus_builds(tmp_path):
     assert 60e6 < total < 150e6
     for name, src in m["sources"].items():
         assert src["train"]["docs"] > 10 and src["val"]["docs"] >= 1, name
+
+
+def test_tokenizers_are_reproducible_across_processes(austen, tmp_path):
+    """HF's trainers number ties in hash-map order (random per process): our ids must not depend on it."""
+    import subprocess
+    import sys
+
+    corpus_dir, _ = austen
+    code = ("import sys; from raptr.data.tokenizer import train_tokenizer; "
+            "train_tokenizer(sys.argv[1], sys.argv[2], 1024, out_path=sys.argv[3], progress=False)")
+    for kind in ("wordpiece", "bpe"):
+        files = []
+        for i in range(2):
+            out = tmp_path / f"{kind}{i}" / "tokenizer.json"
+            subprocess.run([sys.executable, "-c", code, str(corpus_dir), kind, str(out)], check=True)
+            files.append(out.read_bytes())
+        assert files[0] == files[1], kind

@@ -16,6 +16,7 @@ from raptr.errors import RaptrError
 from raptr.experiments import probes as P
 from raptr.training.build import build_trainer, prepare_data
 from raptr.training.config import load_config
+from conftest import AUSTEN_DATA
 
 torch.set_num_threads(1)
 
@@ -28,7 +29,7 @@ SMALL = 240  # examples per task (train + test)
 
 def _train(tmp_path_factory, data_cache, name, *extra, preset="bert-tiny-raptr"):
     out = tmp_path_factory.mktemp(name)
-    cfg = load_config(preset, TINY + ["data.sources=austen", f"data.cache_dir={data_cache}",
+    cfg = load_config(preset, TINY + [*AUSTEN_DATA, f"data.cache_dir={data_cache}",
                                       f"train.out_dir={out}/{name}", f"name={name}"] + list(extra))
     build_trainer(cfg, progress=False).fit()
     return out / name
@@ -82,7 +83,7 @@ def test_logistic_probe_separable_and_shuffled():
 
 @pytest.mark.parametrize("kind,objective", [("wordpiece", "mlm"), ("bpe", "causal")])
 def test_cloze_candidates(data_cache, kind, objective):
-    cfg = load_config(None, [f"data.cache_dir={data_cache}", "data.sources=austen", "data.vocab_size=1024",
+    cfg = load_config(None, [f"data.cache_dir={data_cache}", *AUSTEN_DATA, "data.vocab_size=1024",
                              f"data.tokenizer={kind}", f"objective.name={objective}", "data.seq_len=32"])
     data = prepare_data(cfg, progress=False)
     from raptr.data.corpus import iter_documents
@@ -179,7 +180,7 @@ def test_errors_name_the_fix(tmp_path, monkeypatch):
 
 def test_stacking_checkpoint_is_regrown_before_loading(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("stack")
-    cfg = load_config("bert-tiny-raptr", TINY + ["data.sources=austen", f"data.cache_dir={data_cache}", f"train.out_dir={out}/run",
+    cfg = load_config("bert-tiny-raptr", TINY + [*AUSTEN_DATA, f"data.cache_dir={data_cache}", f"train.out_dir={out}/run",
                                                  "method.name=stacking", "method.stacking.schedule=2-4", "train.steps=8",
                                                  "train.checkpoint_every=2", "train.eval_every=2"])
     build_trainer(cfg, progress=False).fit(stop_after=2)  # stage 0: a 2-layer checkpoint

@@ -15,6 +15,7 @@ import torch
 from raptr.training.build import build_trainer, prepare_data
 from raptr.training.checkpoint import checkpoint_dirs, load_state, load_weights, save_checkpoint
 from raptr.training.config import load_config
+from conftest import AUSTEN_DATA
 
 TINY = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_layers=4", "data.vocab_size=1024",
         "data.seq_len=32", "train.batch_size=4", "train.eval_batches=2", "optim.warmup_steps=2", "train.threads=1",
@@ -22,7 +23,7 @@ TINY = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_layers=
 
 
 def tiny_config(tmp_path, data_cache, *extra, preset="bert-tiny-raptr"):
-    overrides = TINY + [f"data.cache_dir={data_cache}", "data.sources=austen", f"train.out_dir={tmp_path}/run"] + list(extra)
+    overrides = TINY + [f"data.cache_dir={data_cache}", *AUSTEN_DATA, f"train.out_dir={tmp_path}/run"] + list(extra)
     return load_config(preset, overrides)
 
 
@@ -78,7 +79,7 @@ def test_trainer_trains_each_hf_architecture(tmp_path, data_cache, arch):
 
 
 def test_ul2_trains_with_prefix_lm(tmp_path, data_cache):
-    cfg = load_config("ul2-tiny-raptr", TINY + [f"data.cache_dir={data_cache}", "data.sources=austen", "data.seq_len=64",
+    cfg = load_config("ul2-tiny-raptr", TINY + [f"data.cache_dir={data_cache}", *AUSTEN_DATA, "data.seq_len=64",
                                                 f"train.out_dir={tmp_path}/run", "train.steps=6", "train.eval_every=6",
                                                 "method.raptr.schedule=3-4"])
     summary = build_trainer(cfg, progress=False).fit()
@@ -99,7 +100,7 @@ def _run_and_kill(args, run_dir: Path, kill_at_step: int, timeout=240):
 
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path, data_cache):
-    common = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "data.sources=austen",
+    common = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", *AUSTEN_DATA,
               "train.steps=20", "train.checkpoint_every=4", "train.eval_every=10", "method.raptr.schedule=3-4"]
     prepare_data(tiny_config(tmp_path, data_cache))  # build data outside the timed subprocesses
     straight = raptr_cli(*common, f"train.out_dir={tmp_path}/straight")
@@ -167,7 +168,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_used(tmp_path, 
     (ckpts[-2] / "state.pt").write_bytes(b"garbage")  # and the one before is truncated
     (tmp_path / "run" / "summary.json").unlink()
     result = raptr_cli("train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}",
-                       "data.sources=austen", "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3",
+                       *AUSTEN_DATA, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3",
                        f"train.out_dir={tmp_path}/run")
     assert result.returncode == 0, result.stderr
     assert "does not match its checksum" in result.stderr and "resuming from step_0000002" in result.stderr
@@ -178,7 +179,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_used(tmp_path, 
 
 
 def test_nonfinite_steps_are_not_applied_and_every_checkpoint_is_finite(tmp_path, data_cache):
-    args = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "data.sources=austen",
+    args = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", *AUSTEN_DATA,
             "train.steps=30", "train.checkpoint_every=1", "train.keep_checkpoints=50", "optim.lr=1e6",
             f"train.out_dir={tmp_path}/run"]
     result = raptr_cli(*args)
@@ -247,12 +248,12 @@ def test_missing_source_path_is_a_clean_error(tmp_path):
 def test_other_config_in_same_out_dir_is_refused(tmp_path, data_cache):
     build_trainer(tiny_config(tmp_path, data_cache, "train.steps=2", "train.checkpoint_every=2"), progress=False).fit()
     result = raptr_cli("train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}",
-                       "data.sources=austen", "train.steps=2", "train.seed=5", f"train.out_dir={tmp_path}/run")
+                       *AUSTEN_DATA, "train.steps=2", "train.seed=5", f"train.out_dir={tmp_path}/run")
     assert result.returncode == 2 and "holds a run with a different config (train.seed: 0 -> 5" in result.stderr, result.stderr
 
 
 def _cli_args(tmp_path, data_cache, *extra):
-    return ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "data.sources=austen",
+    return ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", *AUSTEN_DATA,
             f"train.out_dir={tmp_path}/run", *extra]
 
 

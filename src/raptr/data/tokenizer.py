@@ -97,6 +97,8 @@ def train_tokenizer(
     path = Path(out_path) if out_path else default_tokenizer_path(corpus_dir, kind, vocab_size)
     meta = {"kind": kind, "vocab_size": vocab_size,
             "train_sha256": manifest["splits"]["train"]["sha256"]}
+    if kind == "wordpiece":
+        meta["ids"] = "canonical"  # caches from before the renumbering are trained again
     if path.is_file() and _meta_path(path).is_file():
         try:
             if json.loads(_meta_path(path).read_text()) == meta:
@@ -107,12 +109,32 @@ def train_tokenizer(
     tok, trainer = _new_tokenizer(kind, vocab_size, progress)
     n_docs = manifest["splits"]["train"]["docs"]
     tok.train_from_iterator(iter_texts(corpus_dir, "train"), trainer, length=n_docs)
+    if kind == "wordpiece":
+        tok = _canonical_wordpiece(tok)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tok.save(str(tmp))
     os.replace(tmp, path)
     write_json(_meta_path(path), meta)
     return tok
+
+
+def _canonical_wordpiece(tok: Tokenizer) -> Tokenizer:
+    """The same vocabulary with ids in a fixed order: specials, then words, then ``##`` pieces by length.
+
+    The WordPiece trainer numbers its alphabet (and ties between equally frequent merges) in
+    hash-map order, which changes from process to process, so two builds of one corpus gave
+    different ids (and different runs). WordPiece encodes by greedy longest match over the
+    vocabulary *set*, so renumbering changes no tokenisation, only the ids, now reproducible.
+    """
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    specials = [t for t in WORDPIECE_SPECIALS if t in vocab]
+    rest = sorted((t for t in vocab if t not in specials), key=lambda t: (t.startswith("##"), len(t), t))
+    data["model"]["vocab"] = {t: i for i, t in enumerate(specials + rest)}
+    for added in data.get("added_tokens", []):
+        added["id"] = data["model"]["vocab"][added["content"]]
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -1,0 +1,61 @@
+"""Write tests/fixtures/reference_losses.json: per-step losses of a short run of every built-in method.
+
+    python tests/scripts/reference_losses.py          # rewrite the fixture (only after a deliberate change of numerics)
+
+The runs train on the shipped Austen chapters (tests/fixtures/austen) on CPU with one thread, so
+``tests/test_reference_losses.py`` can demand bitwise equality: a refactoring that changes any
+number fails it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent.parent
+FIXTURE = HERE / "fixtures" / "reference_losses.json"
+AUSTEN = "austen=" + str(HERE / "fixtures" / "austen")
+
+COMMON = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_layers=6", "data.vocab_size=1024",
+          "data.seq_len=32", "train.batch_size=4", "train.eval_batches=2", "optim.warmup_steps=2", "train.threads=1",
+          "train.steps=12", "train.eval_every=6", "train.checkpoint_every=100", "train.log_every=1", "train.device=cpu",
+          f"data.sources={AUSTEN}", "data.val_fraction=0.15"]
+
+CASES = {
+    "standard": ["method.name=standard"],
+    "raptr": ["method.name=raptr", "method.raptr.schedule=3-4-6"],
+    "raptr-sqrt-uniform": ["method.name=raptr", "method.raptr.schedule=2-4-6", "method.raptr.scaling=sqrt",
+                           "method.raptr.sampling=uniform", "method.raptr.fixed=none", "train.path_seed=3"],
+    "stacking": ["method.name=stacking", "method.stacking.schedule=2-4-6", "method.stacking.rewarmup_steps=2"],
+    "midas": ["method.name=stacking", "method.stacking.schedule=3-6", "method.stacking.copy=middle",
+              "method.stacking.optimizer_state=reset"],
+    "pld": ["method.name=pld", "method.pld.theta=0.5", "method.pld.gamma=0.2"],
+    "layerdrop": ["method.name=layerdrop", "method.layerdrop.keep_prob=0.6"],
+    "raptr-causal": ["method.name=raptr", "method.raptr.schedule=3-4-6", "objective.name=causal", "data.tokenizer=bpe"],
+}
+
+
+def run_case(name: str, cache_dir: str, out_root: str) -> list[float]:
+    from raptr.training.build import build_trainer
+    from raptr.training.config import load_config
+
+    cfg = load_config("bert-tiny-raptr", COMMON + CASES[name] + [f"data.cache_dir={cache_dir}", f"train.out_dir={out_root}/{name}"])
+    build_trainer(cfg, progress=False).fit()
+    rows = [json.loads(line) for line in (Path(out_root) / name / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = {name: {"overrides": CASES[name], "losses": run_case(name, f"{tmp}/data", f"{tmp}/runs")} for name in CASES}
+    FIXTURE.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {FIXTURE} ({len(out)} runs)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
