@@ -137,11 +137,16 @@ def test_sampler_determinism_across_two_processes():
 
 def test_sampler_state_dict_round_trip_and_mismatch():
     s = PathSampler(12, (0, 11), seed=9, mode="uniform")
-    t = PathSampler(12, (0, 11), seed=0)
+    t = PathSampler(12, (0, 11), seed=9, mode="uniform")
     t.load_state_dict(s.state_dict())
     assert [t.sample(k, 0.5) for k in range(10)] == [s.sample(k, 0.5) for k in range(10)]
     with pytest.raises(RaptrError, match="resume with the same model"):
         PathSampler(6, (0, 5)).load_state_dict(s.state_dict())
+    # One resume rule: another seed or sampling mode is refused, never silently adopted.
+    with pytest.raises(RaptrError, match="seed 9, uniform sampling; this run has 12, fixed \\[0, 11\\], seed 0"):
+        PathSampler(12, (0, 11), seed=0, mode="uniform").load_state_dict(s.state_dict())
+    with pytest.raises(RaptrError, match="bernoulli"):
+        PathSampler(12, (0, 11), seed=9).load_state_dict(s.state_dict())
 
 
 def test_branch_scales():
@@ -184,11 +189,13 @@ def test_raptr_step_sets_the_sampled_path_and_state_round_trips():
     plan = raptr.step(3)
     assert [layer._gate_run for layer in model.blocks] == list(plan.active)
     assert plan.scale == pytest.approx(1 / plan.keep_prob)
-    other = RaPTr(_tiny().blocks, Schedule.parse("3-4-6", 6, 30), seed=0)
+    other = RaPTr(_tiny().blocks, Schedule.parse("3-4-6", 6, 30), seed=4, scaling="linear")
     other.load_state_dict(raptr.state_dict())
     assert other.plan(17) == raptr.plan(17)
+    with pytest.raises(RaptrError, match="scaling='linear', this run has 'none'"):
+        RaPTr(_tiny().blocks, Schedule.parse("3-4-6", 6, 30), seed=4).load_state_dict(raptr.state_dict())
     with pytest.raises(RaptrError, match="different RaPTr schedule"):
-        RaPTr(_tiny().blocks, Schedule.parse("3-4-6", 6, 60), seed=0).load_state_dict(raptr.state_dict())
+        RaPTr(_tiny().blocks, Schedule.parse("3-4-6", 6, 60), seed=4).load_state_dict(raptr.state_dict())
     with pytest.raises(RaptrError, match="schedule is for 12 layers"):
         RaPTr(_tiny().blocks, Schedule.parse("6-12", 12, 10))
 

@@ -1,4 +1,4 @@
-"""RaPTrCallback with the real ``transformers.Trainer`` on tiny BERT / GPT-2 models and real text.
+"""MethodCallback / RaPTrCallback with the real ``transformers.Trainer`` on tiny BERT / GPT-2 models and real text.
 
 The text is a few hundred lines of the licence texts every Debian system ships; the tokenizer is a
 word-level ``tokenizers`` model trained on it here, so nothing is downloaded.
@@ -22,7 +22,10 @@ from transformers import (  # noqa: E402
 
 from raptr.core import LayerGate  # noqa: E402
 from raptr.errors import RaptrError  # noqa: E402
-from raptr.integrations import RaPTrCallback  # noqa: E402
+from raptr.integrations import MethodCallback, RaPTrCallback, RaptrTrainer  # noqa: E402
+from raptr.methods import TrainingContext, build_method  # noqa: E402
+from raptr.methods.layerdrop import LayerDropOptions  # noqa: E402
+from raptr.methods.pld import PLDOptions  # noqa: E402
 from raptr.integrations.hf_trainer import unwrap_model  # noqa: E402
 from raptr.models.registry import find_layer_stack, model_flops  # noqa: E402
 
@@ -152,13 +155,13 @@ class Probe(TrainerCallback):
         return [self.steps[s]["ran"] for s in steps]
 
 
-def train(corpus, arch, out, callback=None, resume=None, **kw):
+def train(corpus, arch, out, callback=None, resume=None, trainer_cls=RaptrTrainer, **kw):
     probe = Probe()
     model = make_model(corpus, arch)
-    # The probe comes first, as report_to integrations (TensorBoard, W&B) do: RaPTrCallback moves
-    # itself in front, so its path is set before the probe's on_step_begin and its keys are in `logs`.
+    # The probe comes first, as report_to integrations (TensorBoard, W&B) do: RaptrTrainer moves the
+    # method's callback in front, so its path is set before the probe's on_step_begin and its keys are in `logs`.
     callbacks = [probe] + ([callback] if callback is not None else [])
-    trainer = Trainer(model=model, args=make_args(out, **kw), train_dataset=dataset(corpus, arch), callbacks=callbacks)
+    trainer = trainer_cls(model=model, args=make_args(out, **kw), train_dataset=dataset(corpus, arch), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, probe
 
@@ -268,19 +271,25 @@ def test_resume_continues_the_schedule(corpus, tmp_path, arch):
     full, probe_full = train(corpus, arch, tmp_path / "full", RaPTrCallback(SCHEDULE, seed=7))
     ckpt = tmp_path / "full" / "checkpoint-6"
     saved = json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]["RaPTrCallback"]
-    assert saved == {"args": {"schedule": SCHEDULE, "seed": 7, "flops": "hf"}, "attributes": {"total_steps": STEPS}}
+    assert saved["args"] == {"schedule": SCHEDULE, "seed": 7, "flops": "hf", "stage_lengths": "equal", "fixed": "first,last",
+                             "count_fixed": True, "sampling": "bernoulli", "scaling": "none", "full_warmup": 0.0,
+                             "require_full_final": True}
+    assert saved["attributes"]["total_steps"] == STEPS
+    assert saved["attributes"]["method_state"]["record"]["seed"] == 7
 
     # HF's default: the script's callback (same arguments) is used; paths are a function of (seed, step).
     _, probe_same = train(corpus, arch, tmp_path / "same", RaPTrCallback(SCHEDULE, seed=7), resume=str(ckpt))
     assert sorted(probe_same.steps) == list(range(6, STEPS))
     assert probe_same.paths(range(6, STEPS)) == probe_full.paths(range(6, STEPS))
 
-    # Without restore_callback_states_from_checkpoint, a script whose RaPTr arguments changed is warned.
+    # Without restore_callback_states_from_checkpoint, a script whose RaPTr arguments changed is refused
+    # (the one resume rule of every method and host), and the model is left as it was.
     state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
     other = RaPTrCallback(SCHEDULE, seed=123, flops="off")
-    with pytest.warns(UserWarning, match="the checkpoint was trained with"):
-        other.on_train_begin(make_args(tmp_path), state, TrainerControl(), model=make_model(corpus, arch))
-    other.on_train_end(None, None, None)
+    model = make_model(corpus, arch)
+    with pytest.raises(RaptrError, match="seed: 7 -> 123.*restore_callback_states_from_checkpoint"):
+        other.on_train_begin(make_args(tmp_path), state, TrainerControl(), model=model)
+    assert not any(isinstance(layer, LayerGate) for layer in find_layer_stack(model))
 
     # restore_callback_states_from_checkpoint: the checkpoint's configuration wins over the script's.
     with pytest.warns(UserWarning, match="keeping the checkpoint's schedule"):
@@ -312,10 +321,6 @@ def test_options_and_ddp_warnings(corpus, tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cb = RaPTrCallback(SCHEDULE)
-        with pytest.raises(UserWarning, match="could not find the Trainer"):  # called by hand, not by a Trainer
-            cb.on_train_begin(make_args(tmp_path), TrainerState(max_steps=STEPS), TrainerControl(), model=model)
-        cb.on_train_end(None, None, None)
         cb = RaPTrCallback(SCHEDULE, flops="off")  # the default DDP settings of the Trainer say nothing
         cb.on_train_begin(make_args(tmp_path), TrainerState(max_steps=STEPS), TrainerControl(), model=model)
         cb.on_train_end(None, None, None)
@@ -354,3 +359,67 @@ def test_model_inside_ddp_is_unwrapped(corpus, tmp_path):
         cb.on_train_end(None, None, None)
     finally:
         dist.destroy_process_group()
+
+
+def test_plain_trainer_is_told_its_flops_count_every_layer(corpus, tmp_path):
+    """transformers 5's Trainer.floating_point_ops never asks the model: without the mixin, say so once."""
+    with pytest.warns(UserWarning, match="does not ask raptr for FLOPs") as caught:
+        plain, probe = train(corpus, "gpt2", tmp_path / "plain", RaPTrCallback(SCHEDULE), trainer_cls=Trainer)
+    assert sum("does not ask raptr" in str(w.message) for w in caught) == 1
+    assert any(not all(s["ran"]) for s in probe.steps.values())  # the method still ran
+    base, _ = train(corpus, "gpt2", tmp_path / "base", trainer_cls=Trainer)
+    assert plain.state.total_flos == base.state.total_flos
+
+
+def planned_paths(corpus, arch, name, options, seed, steps):
+    """What the method plans for each step, from a fresh method on a fresh model (no Trainer)."""
+    model = make_model(corpus, arch)
+    method = build_method(name, options)
+    method.attach(TrainingContext(model, find_layer_stack(model), STEPS, seed))
+    return [method.begin_step(s).path for s in steps]
+
+
+METHOD_CASES = {
+    "pld": ({"theta": 0.5, "gamma": 0.3}, PLDOptions(theta=0.5, gamma=0.3)),
+    "layerdrop": ({"keep_prob": 0.5}, LayerDropOptions(keep_prob=0.5)),
+    "raptr": ({"schedule": SCHEDULE}, None),
+}
+
+
+@pytest.mark.parametrize("name", ["pld", "layerdrop"])
+def test_any_method_under_the_trainer_skips_counts_and_resumes(corpus, tmp_path, name):
+    kwargs, options = METHOD_CASES[name]
+    full, probe = train(corpus, "gpt2", tmp_path / "full", MethodCallback(name, seed=3, **kwargs))
+    planned = planned_paths(corpus, "gpt2", name, options, 3, range(STEPS))
+    assert probe.paths(range(STEPS)) == planned  # hook counts: what ran is what the method planned
+    assert all(seen["grad"] == seen["ran"] for seen in probe.steps.values())  # skipped layers: no gradient
+    assert any(not all(p) for p in planned)
+    model = make_model(corpus, "gpt2")
+    n_params = model.num_parameters(exclude_embeddings=True)
+    per_layer = sum(p.numel() for p in find_layer_stack(model)[0].parameters())
+    assert full.state.total_flos == sum(6 * B * T * (n_params - (L - sum(p)) * per_layer) for p in planned)
+    logs = [h for h in full.state.log_history if f"{name}/path_length" in h]
+    assert [h[f"{name}/path_length"] for h in logs] == [sum(p) for p in planned]
+    # resume from the step-6 checkpoint: the same paths for steps 6..11
+    _, again = train(corpus, "gpt2", tmp_path / "again", MethodCallback(name, seed=3, **kwargs),
+                     resume=str(tmp_path / "full" / "checkpoint-6"))
+    assert again.paths(range(6, STEPS)) == planned[6:]
+    with pytest.raises(RaptrError, match="the checkpoint was written by another method configuration"):
+        train(corpus, "gpt2", tmp_path / "other", MethodCallback(name, seed=4, **kwargs),
+              resume=str(tmp_path / "full" / "checkpoint-6"))
+
+
+def test_stacking_grows_the_model_under_the_trainer(corpus, tmp_path):
+    cb = MethodCallback("stacking", schedule="2-4-6", rewarmup_steps=2)
+    trainer, probe = train(corpus, "gpt2", tmp_path, cb, save_strategy="no")
+    assert len(find_layer_stack(trainer.model)) == L and trainer.model.config.num_hidden_layers == L
+    logs = [h for h in trainer.state.log_history if "stacking/path_length" in h]
+    assert [h["stacking/path_length"] for h in logs] == [2] * 4 + [4] * 4 + [6] * 4
+    # every parameter of the grown model is in the optimizer, and trained
+    opt_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in trainer.model.parameters()} <= opt_params
+    # FLOPs follow the depth: 6·tokens·params of the model as it was at each step
+    model = make_model(corpus, "gpt2")
+    n_params = model.num_parameters(exclude_embeddings=True)
+    per_layer = sum(p.numel() for p in find_layer_stack(model)[0].parameters())
+    assert trainer.state.total_flos == sum(6 * B * T * (n_params - (L - d) * per_layer) for d in [2] * 4 + [4] * 4 + [6] * 4)

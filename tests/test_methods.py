@@ -16,7 +16,10 @@ from raptr.methods.base import TrainingContext, decay_groups
 from raptr.methods.stacking import growth_plan, parse_depths
 from raptr.models import TransformerConfig, TransformerLM, find_layer_stack
 from raptr.models.hf import HFLanguageModel, build_hf_model
-from raptr.training.config import LayerDropOptions, OptimConfig, PLDOptions, StackingOptions
+from raptr.methods.layerdrop import LayerDropOptions
+from raptr.methods.pld import PLDOptions
+from raptr.methods.stacking import StackingOptions
+from raptr.training.config import OptimConfig
 from raptr.training.trainer import make_optimizer
 
 VOCAB, SEQ = 64, 8
@@ -234,7 +237,7 @@ def test_stacking_state_dict_regrows_a_fresh_model_for_resume(mode):
         train_step(ctx, method, step)
     saved = copy.deepcopy({"method": method.state_dict(), "weights": model.state_dict(),
                            "optimizer": ctx.optimizer.state_dict()})
-    assert saved["method"]["depth"] == 4
+    assert saved["method"]["state"]["depth"] == 4 and saved["method"]["record"]["method"] == "stacking"
 
     fresh = tiny_lm(6, seed=1)  # another init: the weights must come from the checkpoint
     resumed = GradualStacking(opts)
@@ -254,7 +257,7 @@ def test_stacking_state_dict_regrows_a_fresh_model_for_resume(mode):
     assert_same_weights(model, fresh)
     other = GradualStacking(StackingOptions(schedule="3-4-6", copy=mode))
     attach(other, tiny_lm(6), total_steps=8, optimizer=False)
-    with pytest.raises(RaptrError, match="same schedule"):
+    with pytest.raises(RaptrError, match="options.schedule: '2-3-4-6' -> '3-4-6'"):
         other.load_state_dict(saved["method"])
 
 
@@ -390,7 +393,7 @@ def test_pld_trains_and_state_round_trips():
     again.load_state_dict(method.state_dict())
     other = ProgressiveLayerDrop(PLDOptions(theta=0.4, gamma=0.1))
     attach(other, tiny_lm(4), total_steps=6, optimizer=False)
-    with pytest.raises(RaptrError, match="same settings"):
+    with pytest.raises(RaptrError, match="options.theta: 0.5 -> 0.4"):
         other.load_state_dict(method.state_dict())
 
 

@@ -348,12 +348,15 @@ class PathSampler:
         return {"num_layers": self.num_layers, "fixed": list(self.fixed), "seed": self.seed, "mode": self.mode}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_layers"] != self.num_layers or tuple(state["fixed"]) != self.fixed:
+        """A checkpoint resumes only into the same sampler (one rule for every method: refuse, never adopt)."""
+        saved = (state["num_layers"], tuple(state["fixed"]), int(state["seed"]), state["mode"])
+        mine = (self.num_layers, self.fixed, self.seed, self.mode)
+        if saved != mine:
             raise RaptrError(
-                f"checkpoint's path sampler is for {state['num_layers']} layers with fixed {state['fixed']}, "
-                f"this run has {self.num_layers} with fixed {list(self.fixed)}: resume with the same model and schedule"
+                f"checkpoint's path sampler is for {saved[0]} layers, fixed {list(saved[1])}, seed {saved[2]}, {saved[3]} "
+                f"sampling; this run has {mine[0]}, fixed {list(mine[1])}, seed {mine[2]}, {mine[3]}: resume with the same "
+                "model, schedule and seed"
             )
-        self.seed, self.mode = int(state["seed"]), state["mode"]
 
 
 def branch_scale(keep_prob: float, scaling: str) -> float:
@@ -558,4 +561,6 @@ class RaPTr:
         mine = [(s.start, s.end, s.keep_prob) for s in self.schedule.stages]
         if [tuple(x) for x in state["stages"]] != mine:
             raise RaptrError("checkpoint was written with a different RaPTr schedule: resume with the same schedule and total steps")
-        self.scaling = state["scaling"]
+        if state["scaling"] != self.scaling:
+            raise RaptrError(f"checkpoint was written with RaPTr scaling={state['scaling']!r}, this run has {self.scaling!r}: "
+                             "resume with the same scaling")

@@ -1,5 +1,5 @@
-"""Integrations with other training frameworks: ``RaPTrCallback`` for the Hugging Face ``Trainer``."""
+"""Integrations with other training frameworks: the Hugging Face ``Trainer`` (and Lightning, with ``raptr[lightning]``)."""
 
-from raptr.integrations.hf_trainer import RaPTrCallback
+from raptr.integrations.hf_trainer import MethodCallback, MethodTrainerMixin, RaPTrCallback, RaptrTrainer
 
-__all__ = ["RaPTrCallback"]
+__all__ = ["MethodCallback", "MethodTrainerMixin", "RaPTrCallback", "RaptrTrainer"]

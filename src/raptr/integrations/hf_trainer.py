@@ -1,41 +1,48 @@
-"""RaPTr for an existing Hugging Face ``Trainer`` script, by adding one callback.
+"""Any raptr method in an existing Hugging Face ``Trainer`` script, by adding one callback.
 
-    from raptr.integrations import RaPTrCallback
-    trainer = Trainer(model, args, train_dataset=ds, callbacks=[RaPTrCallback("6-8-10-12")])
+    from raptr.integrations import MethodCallback, RaptrTrainer
+    trainer = RaptrTrainer(model, args, train_dataset=ds, callbacks=[MethodCallback("raptr", schedule="6-8-10-12")])
 
-What the callback does, event by event:
+``MethodCallback(method, seed=0, flops="hf", **options)`` hosts any registered method (``raptr``,
+``pld``, ``layerdrop``, ``stacking``, a user's own) through the method protocol; ``options`` are
+the fields of that method's ``Options``. ``RaPTrCallback(schedule, ...)`` is the RaPTr shorthand.
 
-- ``on_train_begin``: finds the model's layer stack (unwrapping DDP's ``.module``) and puts RaPTr's
-  gates on it in place (``raptr.wrap``, ``total_steps = state.max_steps``); makes the Trainer's FLOPs
-  count only the layers that run (see below); warns if DDP is set up so that skipped layers would
-  fail (``ddp_find_unused_parameters=False``, ``ddp_static_graph=True``).
+Event by event:
+
+- ``on_train_begin``: finds the model's layer stack (unwrapping DDP's ``.module``) and attaches the
+  method (``total_steps = state.max_steps``; the optimizer, for methods that change the model); on
+  resume, loads the method's state from the checkpoint's ``trainer_state.json`` and refuses a
+  checkpoint written with another method, options or seed (one rule for every method and host);
+  warns if DDP is set up so that skipped layers would fail.
 - ``on_step_begin`` fires once per optimizer step, before the first micro-batch, so every
-  micro-batch of a gradient-accumulation cycle runs the same path: ``rp.step(state.global_step)``.
-- ``on_log`` adds ``raptr/stage``, ``raptr/path_length`` (mean layers run per step since the last
-  log) and ``raptr/keep_prob`` to the Trainer's training logs and ``state.log_history``.
-- ``on_train_end`` gives the layers their own classes back: the model is the plain HF model again
-  (picklable, nothing left behind); the Trainer's FLOPs hook is removed.
+  micro-batch of a gradient-accumulation cycle runs the same path: ``method.begin_step(global_step)``.
+  A method's ``lr_factor`` (stacking's re-warm-up) multiplies the learning rate of that step (the
+  Trainer's schedulers set the next step's rate afresh).
+- ``on_log`` adds ``<method>/stage``, ``<method>/path_length`` (mean layers run per step since the
+  last log) and the method's numeric extras (RaPTr's ``keep_prob``, PLD's ``theta``) to the logs.
+- ``on_train_end``: ``method.detach()`` gives the layers their own classes back.
 
-Resume: the path of a step is a pure function of (schedule, seed, total_steps, global_step), so a
-resumed run continues exactly without any sampler state. The callback is an ``ExportableState``:
-its arguments and the ``total_steps`` the schedule was built for are written to
-``trainer_state.json``; with ``TrainingArguments(restore_callback_states_from_checkpoint=True)``
-the Trainer rebuilds the callback from them (even if the script now passes other arguments).
-Without that flag the script's own callback is used, and a mismatch with the checkpoint warns.
+FLOPs (``state.total_flos``) go through the Trainer's sanctioned extension points, never by
+patching the Trainer: ``RaptrTrainer`` (or ``MethodTrainerMixin`` before ``Trainer`` in your own
+subclass) overrides ``Trainer.floating_point_ops``; transformers 4.x also asks the model's
+``floating_point_ops``, which the callback provides. ``flops="hf"`` keeps the Trainer's convention
+(``6 · tokens · non-embedding params``) but counts only the layers that ran; ``"analytic"`` counts
+``raptr.flops.ModelFlops``; ``"off"`` leaves the count alone. With a plain ``Trainer`` on
+transformers 5 the count stays the full model's, and the callback says so once. The mixin also puts
+the callback first in line, so its path is set before other callbacks' ``on_step_begin`` and its
+keys are in ``logs`` before ``report_to`` integrations send them.
 
-FLOPs (``state.total_flos``): the Trainer counts ``6 · tokens · num_parameters(exclude_embeddings)``
-per micro-batch, for the full model. ``flops="hf"`` (default) keeps exactly that convention but
-counts only the parameters of what ran: ``6 · tokens · (non-embedding params − params of skipped
-layers)``, so a run with the callback and one without are directly comparable and equal when
-every layer runs. ``flops="analytic"`` counts ``raptr.flops.ModelFlops`` instead (matmuls incl.
-attention scores and the LM head on every position, 3× forward). ``flops="off"`` leaves the
-Trainer's count alone.
+Resume: the callback is an ``ExportableState``: its arguments, the ``total_steps`` the schedule was
+built for and the method's state go to ``trainer_state.json``. With
+``TrainingArguments(restore_callback_states_from_checkpoint=True)`` the Trainer rebuilds the
+callback from them. Methods that change the model (stacking) train under the Trainer in one
+process; the Trainer loads a checkpoint into the full-depth model before any callback runs, so
+such a run cannot resume past its first growth there (use ``raptr train``): refused clearly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import warnings
 from typing import Any
@@ -44,13 +51,12 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from raptr.core import RaPTr
 from raptr.errors import RaptrError
-from raptr.methods.raptr import RaPTrOptions, wrap
+from raptr.methods.base import Method, StepInfo, TrainingContext, options_dict
+from raptr.methods.registry import method_class
 from raptr.models.registry import find_layer_stack, model_flops
 
 FLOPS_MODES = ("hf", "analytic", "off")
-_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(RaPTrOptions) if f.name != "schedule")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -63,28 +69,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
         model = inner
     return model
-
-
-def _owning_trainer(callback: TrainerCallback) -> Trainer | None:
-    """The ``Trainer`` whose callback handler is calling ``callback`` right now.
-
-    The callback API passes the model, optimizer and dataloaders but not the Trainer itself, and
-    in transformers 5 ``Trainer.floating_point_ops`` no longer asks the model, so the FLOPs hook
-    has to be put on the Trainer instance. It is found by walking up the call stack (the frames
-    of ``CallbackHandler.call_event`` and the training loop) to the Trainer method that fired the event.
-    """
-    frame = inspect.currentframe()
-    try:
-        for _ in range(16):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, Trainer) and any(cb is callback for cb in owner.callback_handler.callbacks):
-                return owner
-    finally:
-        del frame
-    return None
 
 
 def _non_embedding_params(model: nn.Module, exclude_embeddings: bool) -> int:
@@ -106,131 +90,156 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-class RaPTrCallback(TrainerCallback, ExportableState):
-    """RaPTr for ``transformers.Trainer``: ``callbacks=[RaPTrCallback("6-8-10-12")]``.
+def make_options(cls: type[Method], options: dict, who: str) -> Any:
+    """``cls.Options(**options)`` with one clear error for unknown names."""
+    known = [f.name for f in dataclasses.fields(cls.Options)] if cls.Options is not None else []
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise RaptrError(f"unknown {who} option(s) {', '.join(unknown)}: use {', '.join(known) or 'none (it has no options)'}")
+    return cls.Options(**options) if cls.Options is not None else None
+
+
+class MethodCallback(TrainerCallback, ExportableState):
+    """Any registered raptr method for ``transformers.Trainer``.
 
     Args:
-        schedule: expected path length per stage (``"6-8-10-12"`` for a 12-layer model) or keep
-            probabilities (``"p:0.5-0.67-0.83-1"``); stages split ``state.max_steps``.
-        seed: seed of the path sampler; the path of step ``s`` depends only on (seed, s).
-        flops: what ``state.total_flos`` counts: ``"hf"`` (the Trainer's 6·tokens·params, only
-            for the layers that ran), ``"analytic"`` (``raptr.flops``), or ``"off"``.
-        **options: fields of ``raptr.RaPTrOptions``: ``stage_lengths``, ``fixed``, ``count_fixed``,
-            ``sampling``, ``scaling``, ``full_warmup``, ``require_full_final``.
+        method: a registered method's name (``"raptr"``, ``"pld"``, ``"layerdrop"``, ``"stacking"``, ...).
+        seed: seed of the method's randomness (paths, drop masks); a step's path depends only on (seed, step).
+        flops: what ``state.total_flos`` counts: ``"hf"``, ``"analytic"`` or ``"off"`` (module docstring).
+        **options: fields of the method's ``Options`` dataclass.
 
-    After ``on_train_begin``: ``.raptr`` is the ``raptr.RaPTr`` object (schedule, sampler, gates)
-    and ``.total_steps`` the number of steps the schedule spans.
+    After ``on_train_begin``: ``.method`` is the attached method, ``.total_steps`` the steps it spans
+    and ``.last`` the ``StepInfo`` of the latest step.
     """
 
-    def __init__(self, schedule: str = "6-8-10-12", seed: int = 0, flops: str = "hf", **options: Any):
-        unknown = sorted(set(options) - set(_OPTION_NAMES))
-        if unknown:
-            raise RaptrError(f"unknown RaPTrCallback option(s) {', '.join(unknown)}: use {', '.join(_OPTION_NAMES)}")
+    def __init__(self, method: str = "raptr", seed: int = 0, flops: str = "hf", **options: Any):
         if flops not in FLOPS_MODES:
             raise RaptrError(f"unknown flops={flops!r}: use one of {', '.join(FLOPS_MODES)}")
-        self.schedule = schedule
+        self.method_cls = method_class(method)
+        self.options = make_options(self.method_cls, options, type(self).__name__ if type(self) is not MethodCallback else f"{method} method")
+        self.method_cls(self.options)  # options checks that need no model fail here, at construction
+        self.method_name = method
         self.seed = int(seed)
         self.flops = flops
-        self.options = dict(options)
         self.total_steps: int | None = None  # set at on_train_begin, or restored from a checkpoint
-        self.raptr: RaPTr | None = None
+        self.method: Method | None = None
+        self.last: StepInfo | None = None
         self._model: nn.Module | None = None
-        self._trainer: Trainer | None = None
         self._params: dict[bool, int] = {}
         self._layer_params: list[int] = []
-        self._window_layers = 0
+        self._window: dict[str, float] = {}
         self._window_steps = 0
+        self._flops_calls = 0  # floating_point_ops calls through the Trainer (0 after a step: not hosted)
         self._began = False  # on_train_begin ran on this instance (else a set total_steps was restored)
 
     def __repr__(self) -> str:
-        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return f"RaPTrCallback({self.schedule!r}, seed={self.seed}, flops={self.flops!r}{opts})"
+        args = self._args()
+        return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ")"
+
+    def _args(self) -> dict:
+        """This callback's constructor arguments (written to checkpoints, rebuilt from them)."""
+        return {"method": self.method_name, "seed": self.seed, "flops": self.flops, **options_dict(self.options)}
 
     # ---- resume (transformers.trainer_callback.ExportableState) ------------------------------
 
     def state(self) -> dict:
-        return {
-            "args": _jsonable({"schedule": self.schedule, "seed": self.seed, "flops": self.flops, **self.options}),
-            "attributes": {"total_steps": self.total_steps},
-        }
+        attributes: dict = {"total_steps": self.total_steps}
+        if self.method is not None:
+            attributes["method_state"] = _jsonable(self.method.state_dict())
+        return {"args": _jsonable(self._args()), "attributes": attributes}
 
-    def _check_checkpoint(self, state) -> None:
-        """On resume, warn if the checkpoint was written with another RaPTr configuration."""
+    def _saved(self, state) -> dict | None:
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
-        if state.global_step == 0 or not isinstance(saved, dict):
-            return
-        mine = self.state()
-        saved_total = saved.get("attributes", {}).get("total_steps")
-        path_args = lambda a: {k: v for k, v in (a or {}).items() if k != "flops"}  # noqa: E731
-        if path_args(saved.get("args")) != path_args(mine["args"]):
-            warnings.warn(
-                f"RaPTrCallback: the checkpoint was trained with {saved.get('args')}, this run uses {mine['args']}; "
-                "paths from here on follow the new configuration. Pass the same arguments, or "
-                "TrainingArguments(restore_callback_states_from_checkpoint=True) to take the checkpoint's.",
-                stacklevel=3,
-            )
-        elif saved_total is not None and saved_total != self.total_steps:
-            warnings.warn(
-                f"RaPTrCallback: the checkpoint's schedule spans {saved_total} steps, this run's {self.total_steps} "
-                "(max_steps changed), so stage boundaries move. Set "
-                "restore_callback_states_from_checkpoint=True to keep the checkpoint's schedule.",
-                stacklevel=3,
-            )
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        return saved if isinstance(saved, dict) else None
 
     # ---- events -----------------------------------------------------------------------------
 
-    def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs):
+    def on_train_begin(self, args, state, control, model: nn.Module | None = None, optimizer=None, **kwargs):
         if model is None:
-            raise RaptrError("RaPTrCallback got no model in on_train_begin: use it with transformers.Trainer")
-        if self.raptr is not None:  # a second train() with the same callback
+            raise RaptrError(f"{type(self).__name__} got no model in on_train_begin: use it with transformers.Trainer")
+        if self.method is not None:  # a second train() with the same callback
             self._detach()
         model = unwrap_model(model)
         restored = self.total_steps is not None and not self._began
         self._began = True
         if restored and self.total_steps != state.max_steps:
             warnings.warn(
-                f"RaPTrCallback: keeping the checkpoint's schedule over {self.total_steps} steps "
+                f"{type(self).__name__}: keeping the checkpoint's schedule over {self.total_steps} steps "
                 f"(this run has max_steps={state.max_steps}); steps past it stay in the last stage.",
                 stacklevel=2,
             )
         if not restored:
             self.total_steps = int(state.max_steps)
-        self._check_checkpoint(state)
-        _warn_about_ddp(args, model)
-        self.raptr = wrap(model, self.schedule, self.total_steps, self.seed, **self.options)
-        self._model = model
-        self._window_layers = self._window_steps = 0
-        self._trainer = _owning_trainer(self)
-        if self._trainer is not None:
-            # First in line: its path is set before any other callback's on_step_begin, and its
-            # keys are in `logs` before report_to integrations (TensorBoard, W&B) send them.
-            callbacks = self._trainer.callback_handler.callbacks
-            callbacks.insert(0, callbacks.pop(next(i for i, cb in enumerate(callbacks) if cb is self)))
+        method = self.method_cls(self.options)
+        if method.changes_model and (getattr(args, "world_size", 1) > 1 or getattr(args, "deepspeed", None)
+                                     or getattr(args, "fsdp", None)):
+            raise RaptrError(f"{self.method_name} changes the model during training, which the Trainer's DDP/FSDP/DeepSpeed "
+                             "set-up cannot follow: train it in one process, or with `raptr train` under torchrun")
+        if method.skips_layers:
+            _warn_about_ddp(args, model)
+        method.attach(TrainingContext(model, find_layer_stack(model), self.total_steps, self.seed, optimizer))
+        self.method, self._model, self.last = method, model, None
+        saved = self._saved(state)
+        if state.global_step > 0 and saved and "method_state" in saved.get("attributes", {}):
+            if method.changes_model and method.stage_of(state.global_step) > 0:
+                self._detach()
+                raise RaptrError(f"{self.method_name} grew the model before step {state.global_step}, and the Trainer loads "
+                                 "a checkpoint into the full-depth model before callbacks run: resume such runs with "
+                                 "`raptr train`, or restart from a checkpoint of the first stage")
+            try:
+                method.load_state_dict(saved["attributes"]["method_state"])  # one rule: a mismatch is refused
+            except RaptrError as e:
+                self._detach()
+                raise RaptrError(f"{e} (with TrainingArguments(restore_callback_states_from_checkpoint=True) the "
+                                 "Trainer rebuilds the callback from the checkpoint)") from None
+        self._window, self._window_steps, self._flops_calls = {}, 0, 0
+        self._count_params()
+        if self.flops == "analytic":
+            model_flops(model, 1)  # raises a RaptrError naming the fix if the shape is unknown
         if self.flops != "off":
-            self._install_flops(model)
+            model.floating_point_ops = self.floating_point_ops  # transformers 4.x asks the model
         return control
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.raptr is not None:
-            plan = self.raptr.step(state.global_step)
-            self._window_layers += plan.path_length
-            self._window_steps += 1
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.method is None:
+            return control
+        info = self.method.begin_step(state.global_step)
+        if info.model_changed:
+            self._count_params()
+        if info.lr_factor != 1.0 and optimizer is not None:
+            for group in optimizer.param_groups:  # the scheduler sets the next step's lr afresh
+                group["lr"] *= info.lr_factor
+        self.last = info
+        self._window_steps += 1
+        numbers = {"path_length": info.layers_run, **{k: v for k, v in info.extra.items()
+                                                       if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+        for k, v in numbers.items():
+            self._window[k] = self._window.get(k, 0.0) + v
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.method is not None and self.flops != "off" and self._flops_calls == 0 and self._window_steps == 1:
+            self._flops_calls = -1  # warn once
+            warnings.warn(
+                f"{type(self).__name__}: this Trainer does not ask raptr for FLOPs, so state.total_flos counts every "
+                "layer at every step: use raptr.integrations.RaptrTrainer, or put MethodTrainerMixin before Trainer in "
+                "your subclass (flops='off' silences this)", stacklevel=2)
         return control
 
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
-        if self.raptr is None or logs is None or "loss" not in logs or self._window_steps == 0:
+        if self.method is None or logs is None or "loss" not in logs or self._window_steps == 0:
             return control
-        plan = self.raptr.last_plan
-        extra = {
-            "raptr/stage": plan.stage,
-            "raptr/path_length": self._window_layers / self._window_steps,
-            "raptr/keep_prob": plan.keep_prob,
-        }
+        name = self.method_name
+        extra = {f"{name}/stage": self.last.stage}
+        extra.update({f"{name}/{k}": v / self._window_steps if k == "path_length" else self.last.extra.get(k, v)
+                      for k, v in self._window.items()})
         logs.update(extra)
         # The Trainer appended a copy of `logs` to the history just before calling on_log.
         if state.log_history and state.log_history[-1].get("step") == state.global_step and "loss" in state.log_history[-1]:
             state.log_history[-1].update(extra)
-        self._window_layers = self._window_steps = 0
+        self._window, self._window_steps = {}, 0
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -239,26 +248,10 @@ class RaPTrCallback(TrainerCallback, ExportableState):
 
     # ---- FLOPs ------------------------------------------------------------------------------
 
-    def _install_flops(self, model: nn.Module) -> None:
-        if self.flops == "analytic":
-            model_flops(model, 1)  # raises a RaptrError naming the fix if the shape is unknown
+    def _count_params(self) -> None:
+        model = self._model
         self._params = {flag: _non_embedding_params(model, flag) for flag in (True, False)}
         self._layer_params = [sum(_numel(p) for p in layer.parameters()) for layer in find_layer_stack(model)]
-        # transformers 4.x: Trainer.floating_point_ops returns self.model.floating_point_ops(inputs).
-        model.floating_point_ops = self.floating_point_ops
-        # transformers 5.x computes 6·tokens·params itself: put the hook on the Trainer instance,
-        # unless a Trainer subclass has its own floating_point_ops (then it is left alone).
-        trainer = self._trainer
-        if trainer is None:
-            warnings.warn("RaPTrCallback: could not find the Trainer; state.total_flos counts the full model", stacklevel=3)
-        elif type(trainer).floating_point_ops is Trainer.floating_point_ops:
-            trainer.floating_point_ops = self.floating_point_ops
-        else:
-            warnings.warn(
-                f"RaPTrCallback: {type(trainer).__name__} overrides floating_point_ops, so its count is kept; "
-                "return model.floating_point_ops(inputs) there to count only the layers RaPTr runs",
-                stacklevel=3,
-            )
 
     def floating_point_ops(self, inputs: dict, exclude_embeddings: bool = True) -> int:
         """FLOPs of one forward+backward on ``inputs`` with this step's path (full model in eval mode)."""
@@ -266,6 +259,7 @@ class RaPTrCallback(TrainerCallback, ExportableState):
         ids = inputs.get(getattr(model, "main_input_name", "input_ids")) if hasattr(inputs, "get") else None
         if ids is None or model is None:
             return 0
+        self._flops_calls = max(self._flops_calls, 0) + 1
         active = self._active()
         if self.flops == "analytic":
             batch = ids.numel() // ids.shape[-1] if ids.dim() > 1 else 1
@@ -274,20 +268,70 @@ class RaPTrCallback(TrainerCallback, ExportableState):
         return 6 * ids.numel() * (self._params[bool(exclude_embeddings)] - skipped)
 
     def _active(self) -> tuple[bool, ...]:
-        n = len(self._layer_params) or len(find_layer_stack(self._model))
-        plan = self.raptr.last_plan if self.raptr is not None else None
-        if plan is None or not self._model.training:
+        n = len(self._layer_params)
+        path = self.last.path if self.last is not None else None
+        if path is None or not self._model.training:
             return (True,) * n
-        return plan.active
+        return tuple(path)
 
     def _detach(self) -> None:
-        """Leave the model and Trainer as they were: plain layer classes, no FLOPs hooks."""
-        if self.raptr is not None:
-            self.raptr.gates.unwrap()
-        for obj in (self._model, self._trainer):
-            if obj is not None and obj.__dict__.get("floating_point_ops") == self.floating_point_ops:
-                del obj.__dict__["floating_point_ops"]
-        self.raptr = None
+        """Leave the model as it was: plain layer classes, no FLOPs hook."""
+        if self.method is not None:
+            self.method.detach()
+        if self._model is not None and self._model.__dict__.get("floating_point_ops") == self.floating_point_ops:
+            del self._model.__dict__["floating_point_ops"]
+        self.method = None
+
+
+class RaPTrCallback(MethodCallback):
+    """RaPTr for ``transformers.Trainer``: ``callbacks=[RaPTrCallback("6-8-10-12")]``.
+
+    Args:
+        schedule: expected path length per stage (``"6-8-10-12"`` for a 12-layer model) or keep
+            probabilities (``"p:0.5-0.67-0.83-1"``); stages split ``state.max_steps``.
+        seed, flops: as ``MethodCallback``.
+        **options: the other fields of ``raptr.RaPTrOptions``: ``stage_lengths``, ``fixed``,
+            ``count_fixed``, ``sampling``, ``scaling``, ``full_warmup``, ``require_full_final``.
+    """
+
+    def __init__(self, schedule: str = "6-8-10-12", seed: int = 0, flops: str = "hf", **options: Any):
+        if "method" in options:
+            raise RaptrError("RaPTrCallback always hosts RaPTr: use MethodCallback(method=...) for another method")
+        super().__init__("raptr", seed, flops, schedule=schedule, **options)
+
+    @property
+    def raptr(self):
+        """The ``raptr.RaPTr`` object (schedule, sampler, gates) while training."""
+        return self.method.raptr if self.method is not None else None
+
+    def _args(self) -> dict:
+        args = super()._args()
+        del args["method"]
+        return args
+
+
+class MethodTrainerMixin:
+    """Put before ``transformers.Trainer`` in a subclass: FLOPs come from the hosted method.
+
+    It overrides ``Trainer.floating_point_ops`` (the Trainer's documented extension point) to ask
+    the ``MethodCallback`` among its callbacks, and moves those callbacks first in line.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        callbacks = self.callback_handler.callbacks
+        ours = [cb for cb in callbacks if isinstance(cb, MethodCallback)]
+        callbacks[:] = ours + [cb for cb in callbacks if not isinstance(cb, MethodCallback)]
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, MethodCallback) and cb.method is not None and cb.flops != "off":
+                return cb.floating_point_ops(inputs)
+        return super().floating_point_ops(inputs)
+
+
+class RaptrTrainer(MethodTrainerMixin, Trainer):
+    """``transformers.Trainer`` whose ``state.total_flos`` counts what the hosted raptr method ran."""
 
 
 def _warn_about_ddp(args, model: nn.Module) -> None:
@@ -302,14 +346,14 @@ def _warn_about_ddp(args, model: nn.Module) -> None:
     if find_unused is False or (find_unused is None and checkpointing and distributed):
         why = "ddp_find_unused_parameters=False" if find_unused is False else "gradient checkpointing makes the Trainer default ddp_find_unused_parameters to False"
         warnings.warn(
-            f"RaPTrCallback: {why}, but RaPTr skips layers, so multi-GPU DDP will fail on their unused parameters: "
+            f"raptr: {why}, but the method skips layers, so multi-GPU DDP will fail on their unused parameters: "
             "set TrainingArguments(ddp_find_unused_parameters=True) (with gradient checkpointing also "
             "gradient_checkpointing_kwargs={'use_reentrant': False})",
             stacklevel=3,
         )
     if getattr(args, "ddp_static_graph", None):
         warnings.warn(
-            "RaPTrCallback: ddp_static_graph=True assumes the same parameters are used every step, but RaPTr's "
-            "path changes each step: leave ddp_static_graph unset",
+            "raptr: ddp_static_graph=True assumes the same parameters are used every step, but the "
+            "method's path changes each step: leave ddp_static_graph unset",
             stacklevel=3,
         )

@@ -2,7 +2,9 @@ from raptr.methods.base import Method, Standard, StepInfo, TrainingContext
 from raptr.methods.layerdrop import LayerDrop, keep_prob_for_flops
 from raptr.methods.pld import ProgressiveLayerDrop
 from raptr.methods.raptr import RaPTrMethod, RaPTrOptions, wrap
+from raptr.methods.registry import METHODS, build_method, method_class, register_method
 from raptr.methods.stacking import GradualStacking
 
 __all__ = ["Method", "Standard", "StepInfo", "TrainingContext", "RaPTrMethod", "RaPTrOptions", "wrap",
-           "GradualStacking", "ProgressiveLayerDrop", "LayerDrop", "keep_prob_for_flops"]
+           "GradualStacking", "ProgressiveLayerDrop", "LayerDrop", "keep_prob_for_flops",
+           "METHODS", "build_method", "method_class", "register_method"]

@@ -1,8 +1,17 @@
-"""The method protocol: a training method is a small object the trainer calls at named points.
+"""The method protocol: a training method is a small object the host calls at named points.
 
     attach(context)        once, before the first step (wrap layers, read total steps, ...)
-    begin_step(step)       before the forward of every optimizer step; returns what ran
+    begin_step(step)       before the forward of every optimizer step; returns what ran (StepInfo)
     state_dict() / load_state_dict(state)   saved in every checkpoint
+
+A method carries its own typed options (``Options``, a dataclass whose fields are the config keys
+``method.<name>.*``; ``Options.check(num_layers, total_steps)`` validates them) and declares what
+hosts need (``skips_layers``, ``changes_model``, ``supports_fsdp``, ``extendable``). Hosts (our
+trainer, the HF and Lightning callbacks, a user's loop) ask those, never the method's name. A
+new method is one file plus one line in ``raptr.methods.registry``.
+
+One resume rule for every method: ``state_dict`` records the method's name, options and seed, and
+``load_state_dict`` refuses a checkpoint whose record differs (one error line naming the keys).
 
 Methods may change the model (skip layers, grow the stack) but never the loss or the data, so
 every method can be compared with any other on equal terms.
@@ -10,8 +19,11 @@ every method can be compared with any other on equal terms.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from raptr.errors import RaptrError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -48,8 +60,13 @@ def decay_groups(model: "nn.Module") -> tuple[list, list]:
     return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
 
 
+def options_dict(options: Any) -> dict:
+    return dataclasses.asdict(options) if options is not None else {}
+
+
 class Method:
     name = "method"
+    Options: ClassVar[type | None] = None  # typed options dataclass (None: the method has no knobs)
     # What hosts need to know, declared (hosts never switch on ``name``):
     skips_layers = True  # some steps leave layers out: DDP needs find_unused_parameters
     changes_model = False  # adds parameters during training (regroup the optimizer, re-wrap DDP)
@@ -58,8 +75,19 @@ class Method:
     # does not depend on the total number of steps.
     extendable = False
 
+    def __init__(self, options: Any = None):
+        if options is None and self.Options is not None:
+            options = self.Options()
+        if self.Options is not None and not isinstance(options, self.Options):
+            raise RaptrError(f"{type(self).__name__} takes {self.Options.__name__}, got {type(options).__name__}")
+        self.options = options
+        if hasattr(options, "check"):
+            options.check()  # what can be checked without the model
+
     def attach(self, context: TrainingContext) -> None:
         self.context = context
+        if hasattr(self.options, "check"):
+            self.options.check(len(context.layers), context.total_steps)
 
     @property
     def layers(self) -> "nn.ModuleList":
@@ -67,6 +95,12 @@ class Method:
 
     def begin_step(self, step: int) -> StepInfo:
         raise NotImplementedError
+
+    def detach(self) -> None:
+        """Leave the model as it was found (plain layer classes): hosts call it when training ends."""
+        gates = getattr(self, "gates", None)
+        if gates is not None:
+            gates.unwrap()
 
     def stage_of(self, step: int) -> int:
         return 0
@@ -78,10 +112,33 @@ class Method:
         """Expected layer FLOPs over a full-model run of equal steps (1.0 for standard)."""
         return 1.0
 
+    # ------------------------------------------------------------------ checkpoints: one rule
     def state_dict(self) -> dict:
-        return {}
+        """What a checkpoint needs: the record checked on resume, plus the method's own state."""
+        return {"record": self.resume_record(), "state": self.extra_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        if "record" in state:
+            saved, mine = state["record"], self.resume_record()
+            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            if diff:
+                shown = ", ".join(f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in diff[:3])
+                raise RaptrError(f"the checkpoint was written by another method configuration ({shown}): "
+                                 "resume with the checkpoint's method, options and seed, or start a fresh run")
+            state = state["state"]
+        self.load_extra_state(state)
+
+    def resume_record(self) -> dict:
+        """Name, options and seed: a checkpoint resumes only into the same."""
+        context = getattr(self, "context", None)
+        return {"method": self.name, **{f"options.{k}": v for k, v in options_dict(self.options).items()},
+                "seed": getattr(context, "seed", None)}
+
+    def extra_state(self) -> dict:
+        """State beyond the record (most methods are pure functions of (options, seed, step): none)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
         pass
 
 

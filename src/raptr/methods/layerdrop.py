@@ -12,7 +12,7 @@ method's FLOPs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 from raptr.core import SCALINGS, GatedLayers, PathSampler, branch_scale, parse_fixed
 from raptr.errors import RaptrError
@@ -24,7 +24,15 @@ from raptr.models.registry import check_must_run, layer_contract
 class LayerDropOptions:
     keep_prob: float = 0.75  # constant keep probability of every non-fixed layer
     fixed: str = "none"
-    scaling: str = "linear"  # stochastic depth rescales kept blocks by 1/p
+    scaling: Literal["none", "sqrt", "linear"] = "linear"  # stochastic depth rescales kept blocks by 1/p
+
+    def check(self, num_layers: int | None = None, total_steps: int | None = None) -> None:
+        if not 0.0 < self.keep_prob <= 1.0:
+            raise RaptrError(f"LayerDrop keep_prob (method.layerdrop.keep_prob) must be in (0, 1], got {self.keep_prob}")
+        if self.scaling not in SCALINGS:
+            raise RaptrError(f"unknown LayerDrop scaling {self.scaling!r}: use one of {', '.join(SCALINGS)}")
+        if num_layers is not None:
+            parse_fixed(self.fixed, num_layers)
 
 
 def keep_prob_for_flops(target_relative: float, num_layers: int, fixed: str | Sequence[int] | None = "none") -> float:
@@ -54,15 +62,7 @@ class LayerDrop(Method):
 
     name = "layerdrop"
     extendable = True  # a constant rate: nothing depends on the run length
-
-    def __init__(self, options: LayerDropOptions | None = None):
-        if options is None:
-            options = LayerDropOptions()
-        if not 0.0 < options.keep_prob <= 1.0:
-            raise RaptrError(f"LayerDrop keep_prob must be in (0, 1], got {options.keep_prob}")
-        if options.scaling not in SCALINGS:
-            raise RaptrError(f"unknown LayerDrop scaling {options.scaling!r}: use one of {', '.join(SCALINGS)}")
-        self.options = options
+    Options = LayerDropOptions
 
     @property
     def keep_prob(self) -> float:
@@ -92,13 +92,8 @@ class LayerDrop(Method):
         L, k = self.num_layers, len(self.fixed)
         return (k + self.keep_prob * (L - k)) / L
 
-    def state_dict(self) -> dict:
-        return {"keep_prob": self.keep_prob, "scaling": self.options.scaling, "sampler": self.sampler.state_dict()}
+    def extra_state(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["keep_prob"] != self.keep_prob or state["scaling"] != self.options.scaling:
-            raise RaptrError(
-                f"checkpoint was written by LayerDrop keep_prob={state['keep_prob']} scaling={state['scaling']}, this run has "
-                f"keep_prob={self.keep_prob} scaling={self.options.scaling}: resume with the same settings"
-            )
+    def load_extra_state(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])

@@ -49,21 +49,19 @@ class PLDOptions:
     theta: float = 0.5  # θ̄: final global keep rate
     gamma: float = 0.001  # decay speed of θ(t) = (1-θ̄)e^{-γt} + θ̄
 
+    def check(self, num_layers: int | None = None, total_steps: int | None = None) -> None:
+        if not 0.0 < self.theta <= 1.0:
+            raise RaptrError(f"PLD theta (θ̄, method.pld.theta) must be in (0, 1], got {self.theta}")
+        if self.gamma < 0:
+            raise RaptrError(f"PLD gamma (γ, method.pld.gamma) must be >= 0, got {self.gamma}")
+
 
 class ProgressiveLayerDrop(Method):
     """Progressive Layer Dropping with DeepSpeed's θ(t) and linear-in-depth keep probabilities."""
 
     name = "pld"
-
-    def __init__(self, options: PLDOptions | None = None):
-        if options is None:
-            options = PLDOptions()
-        if not 0.0 < options.theta <= 1.0:
-            raise RaptrError(f"PLD theta (θ̄) must be in (0, 1], got {options.theta}")
-        if options.gamma < 0:
-            raise RaptrError(f"PLD gamma (γ) must be >= 0, got {options.gamma}")
-        self.options = options
-        self.num_layers: int | None = None
+    Options = PLDOptions
+    num_layers: int | None = None
 
     def attach(self, context: TrainingContext) -> None:
         super().attach(context)
@@ -109,15 +107,5 @@ class ProgressiveLayerDrop(Method):
         self.gates.set_path(active, [1.0 / p for p in probs])
         return StepInfo(0, sum(active), active, extra={"theta": self.theta(step)})
 
-    # ------------------------------------------------------------------ checkpoints (the schedule is pure)
-    def state_dict(self) -> dict:
-        return {"theta": self.options.theta, "gamma": self.options.gamma, "num_layers": self.num_layers,
-                "seed": self.context.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = (self.options.theta, self.options.gamma, self.num_layers)
-        if (state["theta"], state["gamma"], state["num_layers"]) != mine:
-            raise RaptrError(
-                f"checkpoint was written by PLD theta={state['theta']} gamma={state['gamma']} on {state['num_layers']} layers, "
-                f"this run has theta={mine[0]} gamma={mine[1]} on {mine[2]}: resume with the same settings"
-            )
+    # checkpoints: the schedule is a pure function of (options, seed, step), so the base class's
+    # record (name, options, seed) is all a resume needs.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
@@ -17,10 +18,15 @@ class RaPTrOptions:
     stage_lengths: str = "equal"  # equal | prop:ALPHA | relative lengths "1,1,2,4"
     fixed: str = "first,last"  # always-run layers: first,last | none | 0-based indices
     count_fixed: bool = True  # fixed layers count towards the path length
-    sampling: str = "bernoulli"  # bernoulli | uniform (fixed-size subset)
-    scaling: str = "none"  # none | sqrt | linear: factor on kept layers' residual branch
+    sampling: Literal["bernoulli", "uniform"] = "bernoulli"  # uniform: a fixed-size subset
+    scaling: Literal["none", "sqrt", "linear"] = "none"  # factor on kept layers' residual branch
     full_warmup: float = 0.0  # full-model stage first: steps, or a fraction of training if < 1
     require_full_final: bool = True  # last stage must train the full model
+
+    def check(self, num_layers: int | None = None, total_steps: int | None = None) -> None:
+        """Schedule mistakes surface here (with the model's depth and the run's length, all of them)."""
+        if num_layers is not None and total_steps is not None:
+            build_schedule(self, num_layers, total_steps)
 
 
 def build_schedule(options: RaPTrOptions, num_layers: int, total_steps: int) -> Schedule:
@@ -51,9 +57,7 @@ class RaPTrMethod(Method):
     """Random path training with growing paths (Panigrahi et al. 2024)."""
 
     name = "raptr"
-
-    def __init__(self, options: RaPTrOptions | None = None):
-        self.options = options or RaPTrOptions()
+    Options = RaPTrOptions
 
     def attach(self, context: TrainingContext) -> None:
         super().attach(context)
@@ -61,6 +65,7 @@ class RaPTrMethod(Method):
         check_must_run(context.model, schedule.fixed, "method.raptr.fixed")
         self.raptr = RaPTr(context.layers, schedule, context.seed, self.options.sampling, self.options.scaling,
                            passthrough=layer_contract(context.model)[0])
+        self.gates = self.raptr.gates
 
     def begin_step(self, step: int) -> StepInfo:
         plan = self.raptr.step(step)
@@ -75,8 +80,8 @@ class RaPTrMethod(Method):
     def expected_relative_flops(self) -> float:
         return self.raptr.schedule.relative_layer_flops()
 
-    def state_dict(self) -> dict:
+    def extra_state(self) -> dict:
         return self.raptr.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_extra_state(self, state: dict) -> None:
         self.raptr.load_state_dict(state)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -47,9 +47,25 @@ from raptr.methods.base import Method, StepInfo, TrainingContext, decay_groups
 class StackingOptions:
     schedule: str = "6-9-12"  # depth per stage
     stage_lengths: str = "equal"
-    copy: str = "top"  # top (gradual stacking) | middle (MIDAS)
-    optimizer_state: str = "copy"  # copy | reset: Adam moments of the new layers
+    copy: Literal["top", "middle"] = "top"  # top: gradual stacking, middle: MIDAS
+    optimizer_state: Literal["copy", "reset"] = "copy"  # Adam moments of the new layers
     rewarmup_steps: int = 0  # linear LR re-warm-up at each growth (Reddi et al. use one)
+
+    def check(self, num_layers: int | None = None, total_steps: int | None = None) -> None:
+        if self.copy not in COPY_MODES:
+            raise RaptrError(f"unknown stacking copy mode {self.copy!r}: use one of {', '.join(COPY_MODES)}")
+        if self.optimizer_state not in STATE_MODES:
+            raise RaptrError(f"unknown stacking optimizer_state {self.optimizer_state!r}: use one of {', '.join(STATE_MODES)}")
+        if self.rewarmup_steps < 0:
+            raise RaptrError(f"stacking rewarmup_steps (method.stacking.rewarmup_steps) must be >= 0, got {self.rewarmup_steps}")
+        depths = parse_depths(self.schedule)
+        if num_layers is not None and depths[-1] != num_layers:
+            raise RaptrError(
+                f"stacking schedule {self.schedule!r} (method.stacking.schedule) ends at {depths[-1]} layers but the model "
+                f"has {num_layers}: end the schedule at the model's depth (e.g. '{max(1, num_layers // 2)}-{num_layers}') "
+                f"or set model.n_layers={depths[-1]}")
+        if total_steps is not None:
+            parse_stage_lengths(self.stage_lengths, len(depths), total_steps)
 
 
 COPY_MODES = ("top", "middle")
@@ -110,30 +126,17 @@ class GradualStacking(Method):
     skips_layers = False  # every layer of the current (grown) model runs
     changes_model = True
     supports_fsdp = False
+    Options = StackingOptions
 
     def __init__(self, options: StackingOptions | None = None):
-        if options is None:
-            options = StackingOptions()
-        self.options = options
-        if options.copy not in COPY_MODES:
-            raise RaptrError(f"unknown stacking copy mode {options.copy!r}: use one of {', '.join(COPY_MODES)}")
-        if options.optimizer_state not in STATE_MODES:
-            raise RaptrError(f"unknown stacking optimizer_state {options.optimizer_state!r}: use one of {', '.join(STATE_MODES)}")
-        if options.rewarmup_steps < 0:
-            raise RaptrError(f"stacking rewarmup_steps must be >= 0, got {options.rewarmup_steps}")
-        self.depths = parse_depths(options.schedule)
+        super().__init__(options)
+        self.depths = parse_depths(self.options.schedule)
         self.stage = 0  # stages grown so far (the model has depth depths[stage])
         self.lineage: list[int] = []  # for each current layer: the index of the original layer it descends from
 
     # ------------------------------------------------------------------ setup
     def attach(self, context: TrainingContext) -> None:
-        super().attach(context)
-        full = len(context.layers)
-        if self.depths[-1] != full:
-            raise RaptrError(
-                f"stacking schedule {self.options.schedule!r} ends at {self.depths[-1]} layers but the model has {full}: "
-                f"end the schedule at the model's depth (e.g. '{max(1, full // 2)}-{full}') or set model.n_layers={self.depths[-1]}"
-            )
+        super().attach(context)  # checks the schedule against the model's depth
         lengths = parse_stage_lengths(self.options.stage_lengths, len(self.depths), context.total_steps)
         self.starts = [sum(lengths[:i]) for i in range(len(lengths))]
         self.ends = [s + n for s, n in zip(self.starts, lengths)]
@@ -261,11 +264,11 @@ class GradualStacking(Method):
             del optimizer.state[p]
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
+    def extra_state(self) -> dict:
         return {"stage": self.stage, "depth": self.depth, "depths": list(self.depths), "copy": self.options.copy,
                 "stage_ends": list(self.ends), "lineage": list(self.lineage)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_extra_state(self, state: dict) -> None:
         """Re-grow a freshly attached model to the saved depth (placeholders; load the weights next)."""
         if list(state["depths"]) != self.depths or state["copy"] != self.options.copy or list(state["stage_ends"]) != self.ends:
             raise RaptrError(

@@ -14,7 +14,8 @@ from raptr.data.objectives import CausalLMObjective, MLMObjective, UL2Objective
 from raptr.data.tokenizer import load_tokenizer, special_ids, train_tokenizer
 from raptr.data.tokens import PackedTokens, tokenize_corpus
 from raptr.errors import RaptrError
-from raptr.methods import Method, RaPTrMethod, Standard
+from raptr.methods import Method
+from raptr.methods.registry import build_method as registry_build
 from raptr.models.hf import HFLanguageModel, build_hf_model
 from raptr.models.reference import TransformerConfig, TransformerLM
 from raptr.training.config import RunConfig
@@ -87,24 +88,8 @@ def build_model(cfg: RunConfig, vocab_size: int) -> nn.Module:
 
 
 def build_method(cfg: RunConfig) -> Method:
-    name = cfg.method.name
-    if name == "standard":
-        return Standard()
-    if name == "raptr":
-        return RaPTrMethod(cfg.method.raptr)
-    if name == "stacking":
-        from raptr.methods.stacking import GradualStacking
-
-        return GradualStacking(cfg.method.stacking)
-    if name == "pld":
-        from raptr.methods.pld import ProgressiveLayerDrop
-
-        return ProgressiveLayerDrop(cfg.method.pld)
-    if name == "layerdrop":
-        from raptr.methods.layerdrop import LayerDrop
-
-        return LayerDrop(cfg.method.layerdrop)
-    raise RaptrError(f"unknown method {name!r}: use standard, raptr, stacking, pld or layerdrop")
+    """The configured method, from the registry (``method.name`` and its ``method.<name>`` options)."""
+    return registry_build(cfg.method.name, getattr(cfg.method, cfg.method.name, None))
 
 
 def build_trainer(cfg: RunConfig, progress: bool = True, data: Data | None = None) -> Trainer:

@@ -1,7 +1,9 @@
 """Typed run configuration: dataclasses, YAML presets, ``key=value`` overrides, validation.
 
 Every field is a CLI override (``raptr train --config bert-tiny-raptr train.steps=200``) and every
-mistake is one ``RaptrError`` line naming the key and the fix.
+mistake is one ``RaptrError`` line naming the key and the fix. ``Literal`` fields are the choices.
+The ``method`` section is derived from the method registry: ``method.name`` picks a registered
+method and ``method.<name>.*`` are the fields of that method's ``Options`` dataclass.
 """
 
 from __future__ import annotations
@@ -11,23 +13,20 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from raptr.errors import RaptrError
-from raptr.methods.layerdrop import LayerDropOptions
-from raptr.methods.pld import PLDOptions
-from raptr.methods.raptr import RaPTrOptions
-from raptr.methods.stacking import StackingOptions
+from raptr.methods.registry import METHODS, method_class
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
 class ModelConfig:
-    family: str = "reference"  # reference (our pre-LN transformer) | hf (a transformers model built from config)
-    hf_type: str = "bert"  # family=hf: bert | roberta | gpt2 | llama | opt | gpt_neox
+    family: Literal["reference", "hf"] = "reference"  # reference: our pre-LN transformer; hf: a transformers model built from config
+    hf_type: Literal["bert", "roberta", "gpt2", "llama", "opt", "gpt_neox"] = "bert"  # family=hf
     d_model: int = 128
     n_layers: int = 12
     n_heads: int = 2
@@ -48,17 +47,31 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "mlm"  # mlm (encoder) | causal | ul2 (decoder, UL2 mixture of denoisers)
+    name: Literal["mlm", "causal", "ul2"] = "mlm"  # mlm: encoder; causal, ul2 (UL2 mixture of denoisers): decoder
     mask_rate: float = 0.15  # mlm
 
 
-@dataclass
 class MethodConfig:
-    name: str = "standard"  # standard | raptr | stacking | pld | layerdrop
-    raptr: RaPTrOptions = field(default_factory=RaPTrOptions)
-    pld: PLDOptions = field(default_factory=PLDOptions)
-    stacking: StackingOptions = field(default_factory=StackingOptions)
-    layerdrop: LayerDropOptions = field(default_factory=LayerDropOptions)
+    """The ``method`` section: ``name`` plus one field per registered method holding its ``Options``.
+
+    The dataclass is built from the registry (``method_config_type``), so a method registered by a
+    user's code gets its config keys, CLI help and validation like the built-in ones.
+    """
+
+    name: str
+
+
+_METHOD_TYPES: dict[tuple, type] = {}
+
+
+def method_config_type() -> type:
+    """The ``MethodConfig`` dataclass for the methods registered now (cached per registry state)."""
+    key = tuple((name, cls.Options) for name, cls in METHODS.items())
+    if key not in _METHOD_TYPES:
+        fields = [("name", str, field(default="standard"))] + [
+            (name, options, field(default_factory=options)) for name, options in key if options is not None]
+        _METHOD_TYPES[key] = dataclasses.make_dataclass("MethodConfig", fields, bases=(MethodConfig,))
+    return _METHOD_TYPES[key]
 
 
 @dataclass
@@ -68,7 +81,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     warmup_steps: int = 100
-    decay: str = "cosine"  # cosine | linear | constant (after warm-up)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"  # after warm-up
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 = off
     grad_accum: int = 1  # micro-batches per optimizer step (one RaPTr path for all of them)
@@ -87,8 +100,8 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 0  # torch threads (0 = torch's default)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (autocast on GPU)
-    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2, one unit per block); batch_size is the global batch
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on GPU
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun (fsdp: FSDP2, one unit per block); batch_size is the global batch
     compile: bool = False  # torch.compile each block (the path choice stays in eager Python)
     path_check_every: int = 50  # under torchrun: all-reduce a hash of the path every N steps
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient (none is applied)
@@ -101,7 +114,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=lambda: method_config_type()())
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -110,24 +123,15 @@ class RunConfig:
         return Path(self.train.out_dir.format(name=self.name))
 
 
-CHOICES = {
-    "model.family": ("reference", "hf"),
-    "model.hf_type": ("bert", "roberta", "gpt2", "llama", "opt", "gpt_neox"),
-    "objective.name": ("mlm", "causal", "ul2"),
-    "method.name": ("standard", "raptr", "stacking", "pld", "layerdrop"),
-    "method.raptr.sampling": ("bernoulli", "uniform"),
-    "method.raptr.scaling": ("none", "sqrt", "linear"),
-    "method.layerdrop.scaling": ("none", "sqrt", "linear"),
-    "method.stacking.copy": ("top", "middle"),
-    "method.stacking.optimizer_state": ("copy", "reset"),
-    "optim.decay": ("cosine", "linear", "constant"),
-    "train.precision": ("fp32", "bf16"),
-    "train.parallel": ("ddp", "fsdp"),
-}
-
-
 def _convert(value: Any, kind: Any, key: str) -> Any:
+    if kind is MethodConfig:
+        kind = method_config_type()
     origin = typing.get_origin(kind)
+    if origin is Literal:
+        allowed = typing.get_args(kind)
+        if value not in allowed:
+            raise RaptrError(f"'{key}' is {value!r}: use one of {', '.join(map(str, allowed))}")
+        return value
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             raise RaptrError(f"'{key}' must be a mapping of its fields, got {value!r}")
@@ -242,14 +246,17 @@ def load_config(config: str | None, overrides: list[str] = ()) -> RunConfig:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data; the ``method`` section keeps only the chosen method's options."""
+    out = dataclasses.asdict(cfg)
+    if isinstance(cfg, RunConfig):
+        name = cfg.method.name
+        out["method"] = {k: v for k, v in out["method"].items() if k in ("name", name)}
+    return out
 
 
 def validate(cfg: RunConfig) -> None:
     flat = flatten(to_dict(cfg))
-    for key, allowed in CHOICES.items():
-        if flat[key] not in allowed:
-            raise RaptrError(f"'{key}' is {flat[key]!r}: use one of {', '.join(allowed)}")
+    method = method_class(cfg.method.name)  # an unknown name is one error line listing the registered ones
     positive = ["model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "data.vocab_size", "data.seq_len",
                 "train.steps", "train.batch_size", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
                 "train.keep_checkpoints", "train.log_every", "train.path_check_every", "optim.lr", "optim.grad_accum",
@@ -281,21 +288,11 @@ def validate(cfg: RunConfig) -> None:
         raise RaptrError(f"objective '{cfg.objective.name}' does not fit model.hf_type={m.hf_type}: use mlm with bert/roberta, causal with gpt2/llama/opt/gpt_neox")
     if m.family == "hf" and cfg.objective.name == "ul2":
         raise RaptrError("UL2 needs prefix-LM attention, which only the reference decoder has: set model.family=reference")
-    if cfg.method.name == "raptr":  # schedule mistakes surface now, not after building the data
-        from raptr.methods.raptr import build_schedule
-
-        build_schedule(cfg.method.raptr, m.n_layers, cfg.train.steps)
-    if cfg.method.name == "stacking":
-        from raptr.methods.stacking import parse_depths
-
-        depths = parse_depths(cfg.method.stacking.schedule)
-        if depths[-1] != m.n_layers:
-            raise RaptrError(f"method.stacking.schedule {cfg.method.stacking.schedule} ends at {depths[-1]} layers but "
-                             f"model.n_layers={m.n_layers}: end the schedule at the model's depth")
-    if not 0 < cfg.method.pld.theta <= 1 or cfg.method.pld.gamma < 0:
-        raise RaptrError("method.pld.theta must be in (0, 1] and method.pld.gamma >= 0")
-    if not 0 < cfg.method.layerdrop.keep_prob <= 1:
-        raise RaptrError(f"method.layerdrop.keep_prob must be in (0, 1], got {cfg.method.layerdrop.keep_prob}")
+    options = getattr(cfg.method, cfg.method.name, None)
+    if hasattr(options, "check"):  # the method's own checks, with the model's depth and the run's length
+        options.check(m.n_layers, cfg.train.steps)
+    if method.Options is not None and not isinstance(options, method.Options):
+        raise RaptrError(f"method.{cfg.method.name} holds {type(options).__name__}, not {method.Options.__name__}")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -314,9 +311,17 @@ def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
+        if kind is MethodConfig:
+            kind = method_config_type()
         if dataclasses.is_dataclass(kind):
             rows += describe_fields(kind, f"{prefix}{f.name}.")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((prefix + f.name, getattr(kind, "__name__", str(kind)), default))
+            if typing.get_origin(kind) is Literal:
+                name = "|".join(map(str, typing.get_args(kind)))
+            elif prefix + f.name == "method.name":
+                name = "|".join(METHODS)
+            else:
+                name = getattr(kind, "__name__", str(kind))
+            rows.append((prefix + f.name, name, default))
     return rows
