@@ -179,3 +179,81 @@ def test_checkpoints_from_before_the_record_still_load_and_are_checked():
     _attached(RaPTrMethod(RaPTrOptions(schedule="3-4-6")), seed=1).load_state_dict(old)
     with pytest.raises(RaptrError, match="seed 1"):  # the sampler itself refuses, never adopts
         _attached(RaPTrMethod(RaPTrOptions(schedule="3-4-6")), seed=2).load_state_dict(old)
+
+
+@pytest.fixture
+def austen_sequences(data_cache):
+    from raptr.training.build import prepare_data
+
+    cfg = load_config(None, [f"data.cache_dir={data_cache}", *AUSTEN_DATA, "data.vocab_size=1024", "data.tokenizer=bpe",
+                             "objective.name=causal", "data.seq_len=32"])
+    return prepare_data(cfg, progress=False).train.batch(0, 32, 0)
+
+
+def _gpt2(layers=4):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=layers, n_head=2, vocab_size=1024, n_positions=32))
+
+
+def _layer_calls(layers, step_of):
+    calls: dict[int, list[int]] = {}
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda m, a, o, i=i: m.training and torch.is_grad_enabled()
+                                    and calls.setdefault(step_of(), []).append(i))
+    return calls
+
+
+def test_a_method_from_a_test_file_runs_under_the_hf_trainer(skipone, austen_sequences, tmp_path):
+    pytest.importorskip("accelerate")
+    from transformers import TrainerCallback, TrainingArguments
+
+    from raptr.integrations import MethodCallback, RaptrTrainer
+
+    model = _gpt2()
+    step = {"now": 0}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            step["now"] = state.global_step
+
+    calls = _layer_calls(find_layer_stack(model), lambda: step["now"])
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, use_cpu=True,
+                             report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True)
+    data = [{"input_ids": s, "labels": s.clone()} for s in austen_sequences]
+    trainer = RaptrTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock(), MethodCallback("skipone", layer=2)])
+    trainer.train()
+    assert [sorted(set(calls[s])) for s in range(4)] == [[0, 1, 2, 3], [0, 1, 3], [0, 1, 2, 3], [0, 1, 3]]
+    per_layer = sum(p.numel() for p in find_layer_stack(model)[0].parameters())
+    n = model.num_parameters(exclude_embeddings=True)
+    assert trainer.state.total_flos == 6 * 4 * 32 * (4 * n - 2 * per_layer)
+    assert [h["skipone/path_length"] for h in trainer.state.log_history if "skipone/path_length" in h] == [4, 3, 4, 3]
+
+
+def test_a_method_from_a_test_file_runs_under_lightning(skipone, austen_sequences, tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from raptr.integrations.lightning import MethodCallback
+
+    class LM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = _gpt2()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    module = LM()
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    calls = _layer_calls(find_layer_stack(module.model), lambda: trainer.global_step)
+    cb = MethodCallback("skipone", layer=2)
+    trainer.callbacks.insert(0, cb)
+    trainer.fit(module, torch.utils.data.DataLoader(list(austen_sequences), batch_size=4))
+    assert [sorted(set(calls[s])) for s in range(4)] == [[0, 1, 2, 3], [0, 1, 3], [0, 1, 2, 3], [0, 1, 3]]
+    per_layer = sum(p.numel() for p in find_layer_stack(module.model)[0].parameters())
+    n = module.model.num_parameters(exclude_embeddings=True)
+    assert cb.total_flos == 6 * 4 * 32 * (4 * n - 2 * per_layer)

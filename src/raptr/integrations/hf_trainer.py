@@ -42,8 +42,6 @@ such a run cannot resume past its first growth there (use ``raptr train``): refu
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import warnings
 from typing import Any
 
@@ -52,52 +50,10 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from raptr.errors import RaptrError
+from raptr.integrations.common import FLOPS_MODES, PathFlops, jsonable, make_options, unwrap_model
 from raptr.methods.base import Method, StepInfo, TrainingContext, options_dict
 from raptr.methods.registry import method_class
-from raptr.models.registry import find_layer_stack, model_flops
-
-FLOPS_MODES = ("hf", "analytic", "off")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DataParallel / FSDP(1) (``.module``) or ``torch.compile`` (``._orig_mod``)."""
-    for _ in range(8):
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "module", None) if not hasattr(model, "config") else None
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-    return model
-
-
-def _non_embedding_params(model: nn.Module, exclude_embeddings: bool) -> int:
-    if hasattr(model, "num_parameters"):
-        return int(model.num_parameters(exclude_embeddings=exclude_embeddings))
-    params = {id(p): p for p in model.parameters()}
-    if exclude_embeddings:
-        for module in model.modules():
-            if isinstance(module, nn.Embedding):
-                params.pop(id(module.weight), None)
-    return sum(_numel(p) for p in params.values())
-
-
-def _numel(p) -> int:
-    return int(getattr(p, "ds_numel", 0) or p.numel())  # DeepSpeed ZeRO-3 keeps the true size in ds_numel
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
-
-
-def make_options(cls: type[Method], options: dict, who: str) -> Any:
-    """``cls.Options(**options)`` with one clear error for unknown names."""
-    known = [f.name for f in dataclasses.fields(cls.Options)] if cls.Options is not None else []
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise RaptrError(f"unknown {who} option(s) {', '.join(unknown)}: use {', '.join(known) or 'none (it has no options)'}")
-    return cls.Options(**options) if cls.Options is not None else None
-
+from raptr.models.registry import find_layer_stack
 
 class MethodCallback(TrainerCallback, ExportableState):
     """Any registered raptr method for ``transformers.Trainer``.
@@ -125,8 +81,7 @@ class MethodCallback(TrainerCallback, ExportableState):
         self.method: Method | None = None
         self.last: StepInfo | None = None
         self._model: nn.Module | None = None
-        self._params: dict[bool, int] = {}
-        self._layer_params: list[int] = []
+        self._flops: PathFlops | None = None
         self._window: dict[str, float] = {}
         self._window_steps = 0
         self._flops_calls = 0  # floating_point_ops calls through the Trainer (0 after a step: not hosted)
@@ -145,8 +100,8 @@ class MethodCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         attributes: dict = {"total_steps": self.total_steps}
         if self.method is not None:
-            attributes["method_state"] = _jsonable(self.method.state_dict())
-        return {"args": _jsonable(self._args()), "attributes": attributes}
+            attributes["method_state"] = jsonable(self.method.state_dict())
+        return {"args": jsonable(self._args()), "attributes": attributes}
 
     def _saved(self, state) -> dict | None:
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
@@ -195,9 +150,7 @@ class MethodCallback(TrainerCallback, ExportableState):
                 raise RaptrError(f"{e} (with TrainingArguments(restore_callback_states_from_checkpoint=True) the "
                                  "Trainer rebuilds the callback from the checkpoint)") from None
         self._window, self._window_steps, self._flops_calls = {}, 0, 0
-        self._count_params()
-        if self.flops == "analytic":
-            model_flops(model, 1)  # raises a RaptrError naming the fix if the shape is unknown
+        self._flops = PathFlops(model, self.flops)
         if self.flops != "off":
             model.floating_point_ops = self.floating_point_ops  # transformers 4.x asks the model
         return control
@@ -207,7 +160,7 @@ class MethodCallback(TrainerCallback, ExportableState):
             return control
         info = self.method.begin_step(state.global_step)
         if info.model_changed:
-            self._count_params()
+            self._flops.recount()
         if info.lr_factor != 1.0 and optimizer is not None:
             for group in optimizer.param_groups:  # the scheduler sets the next step's lr afresh
                 group["lr"] *= info.lr_factor
@@ -248,11 +201,6 @@ class MethodCallback(TrainerCallback, ExportableState):
 
     # ---- FLOPs ------------------------------------------------------------------------------
 
-    def _count_params(self) -> None:
-        model = self._model
-        self._params = {flag: _non_embedding_params(model, flag) for flag in (True, False)}
-        self._layer_params = [sum(_numel(p) for p in layer.parameters()) for layer in find_layer_stack(model)]
-
     def floating_point_ops(self, inputs: dict, exclude_embeddings: bool = True) -> int:
         """FLOPs of one forward+backward on ``inputs`` with this step's path (full model in eval mode)."""
         model = self._model
@@ -260,19 +208,7 @@ class MethodCallback(TrainerCallback, ExportableState):
         if ids is None or model is None:
             return 0
         self._flops_calls = max(self._flops_calls, 0) + 1
-        active = self._active()
-        if self.flops == "analytic":
-            batch = ids.numel() // ids.shape[-1] if ids.dim() > 1 else 1
-            return int(model_flops(model, ids.shape[-1]).train_step(sum(active), batch))
-        skipped = sum(n for n, run in zip(self._layer_params, active) if not run)
-        return 6 * ids.numel() * (self._params[bool(exclude_embeddings)] - skipped)
-
-    def _active(self) -> tuple[bool, ...]:
-        n = len(self._layer_params)
-        path = self.last.path if self.last is not None else None
-        if path is None or not self._model.training:
-            return (True,) * n
-        return tuple(path)
+        return self._flops(ids, self.last.path if self.last is not None else None, exclude_embeddings)
 
     def _detach(self) -> None:
         """Leave the model as it was: plain layer classes, no FLOPs hook."""

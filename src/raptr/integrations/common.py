@@ -1,0 +1,88 @@
+"""What every host integration shares: finding the model, building a method's options, counting FLOPs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from torch import nn
+
+from raptr.errors import RaptrError
+from raptr.methods.base import Method
+from raptr.models.registry import find_layer_stack, model_flops
+
+FLOPS_MODES = ("hf", "analytic", "off")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / FSDP(1) (``.module``) or ``torch.compile`` (``._orig_mod``)."""
+    for _ in range(8):
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None) if not hasattr(model, "config") else None
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+def jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def make_options(cls: type[Method], options: dict, who: str) -> Any:
+    """``cls.Options(**options)`` with one clear error for unknown names."""
+    known = [f.name for f in dataclasses.fields(cls.Options)] if cls.Options is not None else []
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise RaptrError(f"unknown {who} option(s) {', '.join(unknown)}: use {', '.join(known) or 'none (it has no options)'}")
+    return cls.Options(**options) if cls.Options is not None else None
+
+
+def _numel(p) -> int:
+    return int(getattr(p, "ds_numel", 0) or p.numel())  # DeepSpeed ZeRO-3 keeps the true size in ds_numel
+
+
+def non_embedding_params(model: nn.Module, exclude_embeddings: bool) -> int:
+    if hasattr(model, "num_parameters"):
+        return int(model.num_parameters(exclude_embeddings=exclude_embeddings))
+    params = {id(p): p for p in model.parameters()}
+    if exclude_embeddings:
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                params.pop(id(module.weight), None)
+    return sum(_numel(p) for p in params.values())
+
+
+class PathFlops:
+    """FLOPs of one forward+backward, counting only the layers that ran.
+
+    ``"hf"``: the HF Trainer's convention, ``6 · tokens · (non-embedding params − params of skipped
+    layers)``, equal to the Trainer's own count when every layer runs. ``"analytic"``:
+    ``raptr.flops.ModelFlops`` (matmuls incl. attention scores and the LM head, 3× forward).
+    """
+
+    def __init__(self, model: nn.Module, mode: str):
+        if mode not in FLOPS_MODES:
+            raise RaptrError(f"unknown flops={mode!r}: use one of {', '.join(FLOPS_MODES)}")
+        self.model, self.mode = model, mode
+        if mode == "analytic":
+            model_flops(model, 1)  # raises a RaptrError naming the fix if the shape is unknown
+        self.recount()
+
+    def recount(self) -> None:
+        """Parameter counts of the model as it is now (call again after it grew)."""
+        self.params = {flag: non_embedding_params(self.model, flag) for flag in (True, False)}
+        self.layer_params = [sum(_numel(p) for p in layer.parameters()) for layer in find_layer_stack(self.model)]
+
+    def __call__(self, ids, path: tuple[bool, ...] | None, exclude_embeddings: bool = True) -> int:
+        """FLOPs for the token tensor ``ids`` (batch × seq) with ``path`` (None or eval mode: every layer)."""
+        if self.mode == "off":
+            return 0
+        active = (True,) * len(self.layer_params) if path is None or not self.model.training else tuple(path)
+        if self.mode == "analytic":
+            batch = ids.numel() // ids.shape[-1] if ids.dim() > 1 else 1
+            return int(model_flops(self.model, ids.shape[-1]).train_step(sum(active), batch))
+        skipped = sum(n for n, run in zip(self.layer_params, active) if not run)
+        return 6 * ids.numel() * (self.params[bool(exclude_embeddings)] - skipped)
