@@ -529,7 +529,9 @@ class WidthRaPTr:
         if (bool(state["heads"]), bool(state["ffn"]), tuple(state["fixed"])) != (self.heads, self.ffn, self.fixed):
             raise RaptrError(f"checkpoint samples heads={state['heads']}, ffn={state['ffn']}, fixed={state['fixed']}; this run "
                              f"heads={self.heads}, ffn={self.ffn}, fixed={list(self.fixed)}: resume with the same options")
-        self.seed, self.scaling = int(state["seed"]), state["scaling"]
+        if (int(state["seed"]), state["scaling"]) != (self.seed, self.scaling):
+            raise RaptrError(f"checkpoint samples with seed {state['seed']} and scaling={state['scaling']!r}; this run seed "
+                             f"{self.seed}, scaling={self.scaling!r}: resume with the same seed and scaling (never adopted)")
 
     def __repr__(self) -> str:
         return (f"WidthRaPTr({len(self.layers)} layers, {self.schedule!r}, heads={self.heads}, ffn={self.ffn}, "

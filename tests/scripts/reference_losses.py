@@ -1,6 +1,7 @@
 """Write tests/fixtures/reference_losses.json: per-step losses of a short run of every built-in method.
 
     python tests/scripts/reference_losses.py          # rewrite the fixture (only after a deliberate change of numerics)
+    python tests/scripts/reference_losses.py --add    # add cases the fixture lacks (a new method), keep the others
 
 The runs train on the shipped Austen chapters (tests/fixtures/austen) on CPU with one thread, so
 ``tests/test_reference_losses.py`` can demand bitwise equality: a refactoring that changes any
@@ -36,6 +37,10 @@ CASES = {
     "pld": ["method.name=pld", "method.pld.theta=0.5", "method.pld.gamma=0.2"],
     "layerdrop": ["method.name=layerdrop", "method.layerdrop.keep_prob=0.6"],
     "raptr-causal": ["method.name=raptr", "method.raptr.schedule=3-4-6", "objective.name=causal", "data.tokenizer=bpe"],
+    # added with the width methods (after the protocol restructuring; guards them from here on)
+    "width": ["method.name=width", "method.width.schedule=0.5-0.75-1", "model.n_heads=4"],
+    "depthwidth": ["method.name=depthwidth", "method.depthwidth.schedule=3-4-6",
+                   "method.depthwidth.width_schedule=0.5-0.75-1", "method.depthwidth.scaling=sqrt", "model.n_heads=4"],
 }
 
 
@@ -51,8 +56,11 @@ def run_case(name: str, cache_dir: str, out_root: str) -> list[float]:
 
 def main() -> None:
     torch.set_num_threads(1)
+    out = json.loads(FIXTURE.read_text()) if "--add" in sys.argv and FIXTURE.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        out = {name: {"overrides": CASES[name], "losses": run_case(name, f"{tmp}/data", f"{tmp}/runs")} for name in CASES}
+        for name in CASES:
+            if name not in out:
+                out[name] = {"overrides": CASES[name], "losses": run_case(name, f"{tmp}/data", f"{tmp}/runs")}
     FIXTURE.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {FIXTURE} ({len(out)} runs)", file=sys.stderr)
 

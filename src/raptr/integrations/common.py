@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from raptr.errors import RaptrError
-from raptr.methods.base import Method
+from raptr.methods.base import Method, StepInfo
 from raptr.models.registry import find_layer_stack, model_flops
 
 FLOPS_MODES = ("hf", "analytic", "off")
@@ -76,13 +76,15 @@ class PathFlops:
         self.params = {flag: non_embedding_params(self.model, flag) for flag in (True, False)}
         self.layer_params = [sum(_numel(p) for p in layer.parameters()) for layer in find_layer_stack(self.model)]
 
-    def __call__(self, ids, path: tuple[bool, ...] | None, exclude_embeddings: bool = True) -> int:
-        """FLOPs for the token tensor ``ids`` (batch × seq) with ``path`` (None or eval mode: every layer)."""
+    def __call__(self, ids, info: "StepInfo | None", exclude_embeddings: bool = True) -> int:
+        """FLOPs for the token tensor ``ids`` (batch × seq) with this step's ``info`` (None or eval mode:
+        the full model). Each layer counts with the share of it that ran (``StepInfo.fractions``)."""
         if self.mode == "off":
             return 0
-        active = (True,) * len(self.layer_params) if path is None or not self.model.training else tuple(path)
+        n = len(self.layer_params)
+        shares = (1.0,) * n if info is None or not self.model.training else info.fractions(n)
         if self.mode == "analytic":
             batch = ids.numel() // ids.shape[-1] if ids.dim() > 1 else 1
-            return int(model_flops(self.model, ids.shape[-1]).train_step(sum(active), batch))
-        skipped = sum(n for n, run in zip(self.layer_params, active) if not run)
-        return 6 * ids.numel() * (self.params[bool(exclude_embeddings)] - skipped)
+            return int(model_flops(self.model, ids.shape[-1]).train_step(sum(shares), batch))
+        idle = sum(params * (1.0 - share) for params, share in zip(self.layer_params, shares))
+        return int(round(6 * ids.numel() * (self.params[bool(exclude_embeddings)] - idle)))

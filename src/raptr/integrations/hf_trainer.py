@@ -134,7 +134,8 @@ class MethodCallback(TrainerCallback, ExportableState):
                              "set-up cannot follow: train it in one process, or with `raptr train` under torchrun")
         if method.skips_layers:
             _warn_about_ddp(args, model)
-        method.attach(TrainingContext(model, find_layer_stack(model), self.total_steps, self.seed, optimizer))
+        seq_len = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 128
+        method.attach(TrainingContext(model, find_layer_stack(model), self.total_steps, self.seed, optimizer, seq_len))
         self.method, self._model, self.last = method, model, None
         saved = self._saved(state)
         if state.global_step > 0 and saved and "method_state" in saved.get("attributes", {}):
@@ -166,7 +167,7 @@ class MethodCallback(TrainerCallback, ExportableState):
                 group["lr"] *= info.lr_factor
         self.last = info
         self._window_steps += 1
-        numbers = {"path_length": info.layers_run, **{k: v for k, v in info.extra.items()
+        numbers = {"path_length": info.layers_run, "layer_units": info.layer_units, **{k: v for k, v in info.extra.items()
                                                        if isinstance(v, (int, float)) and not isinstance(v, bool)}}
         for k, v in numbers.items():
             self._window[k] = self._window.get(k, 0.0) + v
@@ -208,7 +209,7 @@ class MethodCallback(TrainerCallback, ExportableState):
         if ids is None or model is None:
             return 0
         self._flops_calls = max(self._flops_calls, 0) + 1
-        return self._flops(ids, self.last.path if self.last is not None else None, exclude_embeddings)
+        return self._flops(ids, self.last, exclude_embeddings)
 
     def _detach(self) -> None:
         """Leave the model as it was: plain layer classes, no FLOPs hook."""

@@ -139,7 +139,8 @@ class MethodCallback(pl.Callback):
         else:
             self.total_steps = int(trainer.estimated_stepping_batches)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        method.attach(TrainingContext(model, layers, self.total_steps, self.seed, optimizer))
+        seq_len = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 128
+        method.attach(TrainingContext(model, layers, self.total_steps, self.seed, optimizer, seq_len))
         if self._pending is not None and self._pending.get("method_state") is not None:
             try:
                 method.load_state_dict(self._pending["method_state"])  # one rule: a mismatch is refused
@@ -168,7 +169,7 @@ class MethodCallback(pl.Callback):
             self.last = info
         ids = _input_ids(batch)
         if ids is not None:
-            self.total_flos += self._flops(ids, self.last.path)
+            self.total_flos += self._flops(ids, self.last)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

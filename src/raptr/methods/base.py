@@ -38,6 +38,7 @@ class TrainingContext:
     total_steps: int
     seed: int = 0
     optimizer: Any = None  # set once the optimizer exists; methods that grow the model need it
+    seq_len: int = 128  # tokens per sequence (width methods' FLOPs depend on it through attention)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,22 @@ class StepInfo:
     lr_factor: float = 1.0  # multiplies the trainer's learning rate (stacking's re-warm-up)
     model_changed: bool = False  # the method changed the model's parameters this step (stacking grew it)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Per layer, the share of its FLOPs computed this step (0 skipped, 1 full, between: width
+    # subnetworks); None means "the layers in ``path`` (or all) ran in full".
+    layer_fractions: tuple[float, ...] | None = None
+
+    @property
+    def layer_units(self) -> float:
+        """Full-layer equivalents computed this step: what the exact FLOPs count multiplies."""
+        return float(sum(self.layer_fractions)) if self.layer_fractions is not None else float(self.layers_run)
+
+    def fractions(self, num_layers: int) -> tuple[float, ...]:
+        """``layer_fractions``, or 1/0 per layer from ``path`` (every layer when there is none)."""
+        if self.layer_fractions is not None:
+            return tuple(self.layer_fractions)
+        if self.path is not None:
+            return tuple(1.0 if run else 0.0 for run in self.path)
+        return (1.0,) * num_layers
 
 
 def decay_groups(model: "nn.Module") -> tuple[list, list]:

@@ -18,6 +18,7 @@ from raptr.methods.layerdrop import LayerDrop
 from raptr.methods.pld import ProgressiveLayerDrop
 from raptr.methods.raptr import RaPTrMethod
 from raptr.methods.stacking import GradualStacking
+from raptr.methods.width import DepthWidth, WidthMethod
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -48,5 +49,5 @@ def build_method(name: str, options: Any = None) -> Method:
     return method_class(name)(options)
 
 
-for _cls in (Standard, RaPTrMethod, GradualStacking, ProgressiveLayerDrop, LayerDrop):
+for _cls in (Standard, RaPTrMethod, GradualStacking, ProgressiveLayerDrop, LayerDrop, WidthMethod, DepthWidth):
     register_method(_cls)

@@ -126,7 +126,7 @@ class Trainer:
         self.model.to(self.device)
         self.total_steps = cfg.train.steps
         path_seed = cfg.train.path_seed if cfg.train.path_seed >= 0 else cfg.train.seed
-        self.context = TrainingContext(model, find_layer_stack(model), self.total_steps, path_seed)
+        self.context = TrainingContext(model, find_layer_stack(model), self.total_steps, path_seed, seq_len=cfg.data.seq_len)
         self.method.attach(self.context)
         if self.dist.enabled and cfg.train.parallel == "fsdp" and not self.method.supports_fsdp:
             raise RaptrError(f"{self.method.name} changes the model, which FSDP2 shards once: use train.parallel=ddp")
@@ -443,7 +443,7 @@ class Trainer:
 
             self.step += 1
             sequences = cfg.train.batch_size * cfg.optim.grad_accum
-            self.counters["flops"] += self.flops_model.train_step(info.layers_run, sequences, labelled)
+            self.counters["flops"] += self.flops_model.train_step(info.layer_units, sequences, labelled)
             self.counters["full_flops"] += self.flops_model.full_step(sequences, labelled)
             self.counters["tokens"] += sequences * self.flops_model.seq_len
             self.counters["layer_passes"] += info.layers_run
