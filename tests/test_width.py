@@ -375,10 +375,12 @@ def test_fixed_layers_stay_full_and_the_last_stage_slices_nothing():
 
 def test_state_dict_round_trip_and_mismatch():
     wr = WidthRaPTr(nn.ModuleList([ref_block()]), "0.5-1", total_steps=100, seed=9, scaling="sqrt")
-    other = WidthRaPTr(nn.ModuleList([ref_block()]), "0.5-1", total_steps=100)
+    other = WidthRaPTr(nn.ModuleList([ref_block()]), "0.5-1", total_steps=100, seed=9, scaling="sqrt")
     other.load_state_dict(wr.state_dict())
-    assert other.seed == 9 and other.scaling == "sqrt"
     assert torch.equal(other.plan(5).units[0], wr.plan(5).units[0])
+    # one resume rule: another seed or scaling is refused, never adopted
+    with pytest.raises(RaptrError, match="seed 9 and scaling='sqrt'; this run seed 0"):
+        WidthRaPTr(nn.ModuleList([ref_block()]), "0.5-1", total_steps=100).load_state_dict(wr.state_dict())
     longer = WidthRaPTr(nn.ModuleList([ref_block()]), "0.5-1", total_steps=200)
     with pytest.raises(RaptrError, match="different width schedule"):
         longer.load_state_dict(wr.state_dict())

@@ -311,7 +311,16 @@ def ranks_agree(values: list[float], timeout_s: float = 120.0, step: int | None 
     return [t[i].item() == v and -t[n + i].item() == v for i, v in enumerate(values)]
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+# Every random stream raptr draws from ``step_generator``, in one place (a new stream takes a new
+# number, so no two consumers ever see the same numbers):
+PATH_STREAM = 0  # which layers run (RaPTr, LayerDrop, PLD, depth x width's path)
+OBJECTIVE_STREAM = 1  # the trainer's masking / denoising of training batches
+EVAL_STREAM = 2  # ... of validation batches (fixed across the run)
+HEADS_STREAM = 11  # width subnetworks: kept heads (KV groups)
+UNITS_STREAM = 12  # width subnetworks: kept FFN units
+
+
+def step_generator(seed: int, step: int, stream: int = PATH_STREAM) -> torch.Generator:
     """A CPU generator that depends only on (seed, step, stream): identical on every rank."""
     mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) % (2**63 - 1)
     return torch.Generator().manual_seed(mixed)
@@ -332,7 +341,7 @@ class PathSampler:
         if keep_prob >= 1.0:
             active[:] = True
         elif len(self._free):
-            gen = step_generator(self.seed, step)
+            gen = step_generator(self.seed, step, PATH_STREAM)
             if self.mode == "bernoulli":
                 active[self._free] = torch.rand(len(self._free), generator=gen) < keep_prob
             else:

@@ -56,12 +56,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raptr.core import SCALINGS, RankAgreement, Schedule, branch_scale, parse_fixed, parse_numbers, step_generator
+from raptr.core import (HEADS_STREAM, SCALINGS, UNITS_STREAM, RankAgreement, Schedule, branch_scale, parse_fixed,
+                        parse_numbers, step_generator)
 from raptr.errors import RaptrError
 from raptr.flops import LayerShape
 
-# step_generator streams: 0 is depth RaPTr's path, 1 and 2 the trainer's objective and eval.
-HEADS_STREAM, UNITS_STREAM = 11, 12
 
 BERT_LIKE = ("BertLayer", "RobertaLayer")
 LLAMA_LIKE = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")

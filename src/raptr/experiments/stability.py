@@ -211,7 +211,7 @@ def stability_verdict(slopes: dict[str, float], values: dict[str, list[float]]) 
 # ---------------------------------------------------------------------------------------- (b) trained run
 def _loss(trainer, n_batches: int) -> float:
     """The trainer's held-out loss with the model as it is now (train mode: gates act)."""
-    from raptr.training.trainer import EVAL_STREAM
+    from raptr.core import EVAL_STREAM
 
     losses = []
     for i, tokens in enumerate(trainer.batches.val[:n_batches]):

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raptr.core import GatedLayers, step_generator
+from raptr.core import PATH_STREAM, GatedLayers, step_generator
 from raptr.errors import RaptrError
 from raptr.methods.base import Method, StepInfo, TrainingContext
 from raptr.models.registry import check_must_run, layer_contract
@@ -86,7 +86,7 @@ class ProgressiveLayerDrop(Method):
     def path(self, step: int) -> tuple[bool, ...]:
         """Which layers run at ``step`` (pure: a function of (seed, step) only)."""
         probs = torch.tensor(self.keep_probs(step), dtype=torch.float64)
-        draws = torch.rand(len(probs), generator=step_generator(self.context.seed, step), dtype=torch.float64)
+        draws = torch.rand(len(probs), generator=step_generator(self.context.seed, step, PATH_STREAM), dtype=torch.float64)
         return tuple((draws < probs).tolist())
 
     def expected_relative_flops(self) -> float:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from raptr.core import step_generator
+from raptr.core import EVAL_STREAM, OBJECTIVE_STREAM, step_generator
 from raptr.errors import RaptrError
 from raptr.flops import ModelFlops
 from raptr.methods.base import Method, TrainingContext, decay_groups
@@ -35,7 +35,6 @@ from raptr.training.config import OptimConfig, RunConfig, flatten, to_dict
 from raptr.training.runfiles import RunLock, append_jsonl, read_json, read_jsonl, truncate_jsonl, write_json_atomic
 
 # Streams of step_generator: keep the objective's and the evaluation's randomness apart.
-OBJECTIVE_STREAM, EVAL_STREAM = 1, 2
 
 # Keys that may differ from the checkpoint's config when resuming: the recovery from a divergence
 # (learning rate and its schedule), bookkeeping intervals, and where the run lives. ``train.steps``
