@@ -6,6 +6,7 @@ User mistakes print one line ``error: ...`` and exit with code 2, never a traceb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 
@@ -195,42 +196,22 @@ def _int_list(text: str | None, flag: str) -> list[int] | None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from raptr.experiments.report import make_report
+    from raptr.experiments.protocol import report_dir
 
-    console.print(f"report: {make_report(args.results_dir)}")
+    console.print(f"report: {report_dir(args.results_dir)}")
     return 0
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    import importlib
+    from raptr.experiments.protocol import run
 
-    if args.name == "schedules":  # schedule robustness is a comparison of RaPTr variants
-        from raptr.experiments.compare import load_compare_config, run_compare
-        from raptr.experiments.report import make_report
-
-        cfg = load_compare_config("compare/schedules", args.overrides)
-        console.print(f"report: {make_report(run_compare(cfg, args.out or 'results', workers=args.workers))}")
-        return 0
-    if args.name == "probes":  # downstream probes of the checkpoints of finished runs
-        from pathlib import Path
-
-        from raptr.experiments.probes import evaluate_runs, write_probe_report
-
-        runs = sorted(p for p in Path(args.runs).iterdir() if (p / "config.json").is_file()) if Path(args.runs).is_dir() else []
-        if not runs:
-            raise RaptrError(f"no finished runs under '{args.runs}': pass --runs results/<comparison>/runs")
-        report = write_probe_report(evaluate_runs(runs, untrained=False), args.out or "results/probes")
-        console.print(f"report: {report}")
-        return 0
-    module = importlib.import_module(f"raptr.experiments.{EXPERIMENTS[args.name]}")
-    if args.preset not in module.PRESETS:
-        raise RaptrError(f"experiment {args.name} has no preset '{args.preset}': use one of {', '.join(module.PRESETS)}")
-    out = args.out or f"results/{args.name}"
-    console.print(f"report: {module.run(out, preset=args.preset)}")
+    overrides = list(args.overrides)
+    if args.runs is not None:  # shorthands of the probes' and schedules' config keys
+        overrides.append(f"runs={args.runs}")
+    if args.workers is not None:
+        overrides.append(f"workers={args.workers}")
+    console.print(f"report: {run(args.name, args.out, args.preset, overrides)}")
     return 0
-
-
-EXPERIMENTS = {"polynomial": "polynomial", "stability": "stability", "schedules": "compare", "probes": "probes"}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -267,17 +248,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("report", help="regenerate a comparison's report.md and plots from its logs")
-    p.add_argument("results_dir", help="e.g. results/bert-tiny")
+    p = sub.add_parser("report", help="regenerate the report and plots of a comparison or experiment from its files")
+    p.add_argument("results_dir", help="e.g. docs/results/clm-tiny, docs/results/polynomial")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("experiment", help="paper experiments: polynomial, stability, schedules, probes")
+    from raptr.experiments.protocol import EXPERIMENTS
+
+    p = sub.add_parser("experiment", help="paper experiments: " + ", ".join(EXPERIMENTS),
+                       epilog="\n".join(f"  {n}: {e.summary}; keys: " + ", ".join(f.name for f in dataclasses.fields(e.config))
+                                        for n, e in EXPERIMENTS.items()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=sorted(EXPERIMENTS))
-    p.add_argument("overrides", nargs="*", help="(schedules) key=value overrides for every arm")
-    p.add_argument("--preset", default="cpu", help="size preset (cpu, tiny)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the experiment's config, e.g. steps=50 seeds=0,1")
+    p.add_argument("--preset", default="cpu", help="config preset (cpu, tiny where the experiment has one)")
     p.add_argument("--out", default=None, help="output directory (default results/NAME)")
-    p.add_argument("--runs", default="results/bert-tiny/runs", help="(probes) directory of finished runs to probe")
-    p.add_argument("--workers", type=int, default=1, help="(schedules) arms trained at once")
+    p.add_argument("--runs", default=None, help="(probes) shorthand for runs=DIR: the finished runs to probe")
+    p.add_argument("--workers", type=int, default=None, help="(schedules) shorthand for workers=N")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("data", help="build a text corpus (default: ~100 MB of English from Debian packages)")

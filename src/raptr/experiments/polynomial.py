@@ -330,8 +330,13 @@ def validate(cfg: PolynomialConfig) -> None:
 
 
 def run(out_dir: str | Path, preset: str = "cpu", progress: bool = True, **overrides: Any) -> Path:
+    """``run_config(make_config(preset, **overrides), out_dir)``."""
+    return run_config(make_config(preset, **overrides), out_dir, progress, preset)
+
+
+def run_config(cfg: PolynomialConfig, out_dir: str | Path, progress: bool = True, preset: str = "custom") -> Path:
     """Train every method × seed, write ``report.md``, ``results.json`` and the plots; return the report."""
-    cfg = make_config(preset, **overrides)
+    validate(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -352,12 +357,33 @@ def run(out_dir: str | Path, preset: str = "cpu", progress: bool = True, **overr
     cpu_seconds = time.process_time() - cpu_started
     expected = {"baseline": 1.0, "raptr": raptr_flops,
                 "pld": pld_relative_flops(cfg.pld_theta, gamma, cfg.n_layers, cfg.steps)}
-    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "target": target.describe(),
+    (out / "results.json").write_text(json.dumps({"experiment": "polynomial", "preset": preset,
+                                                  "config": dataclasses.asdict(cfg), "target": target.describe(),
                                                   "pld_gamma": gamma, "expected_relative_flops": expected,
                                                   "seconds": seconds, "cpu_seconds": cpu_seconds, "runs": runs}, indent=1))
+    return rebuild(out)
+
+
+def _int_keys(value: Any) -> Any:
+    """JSON turned the degree keys of the per-step histories into strings: turn them back."""
+    if isinstance(value, dict):
+        return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_int_keys(v) for v in value]
+    return value
+
+
+def rebuild(out_dir: str | Path) -> Path:
+    """``report.md`` and the plots again, from ``results.json`` alone (no training)."""
+    out = Path(out_dir)
+    results = json.loads((out / "results.json").read_text())
+    cfg = PolynomialConfig(**results["config"])
+    target, schedule = make_target(cfg), raptr_schedule(cfg)
+    runs, gamma = _int_keys(results["runs"]), results["pld_gamma"]
     _plots(runs, cfg, target, schedule, gamma, out)
     report = out / "report.md"
-    report.write_text(_report(runs, cfg, target, schedule, gamma, expected, (seconds, cpu_seconds), preset))
+    report.write_text(_report(runs, cfg, target, schedule, gamma, results["expected_relative_flops"],
+                              (results["seconds"], results["cpu_seconds"]), results.get("preset", "cpu")))
     return report
 
 

@@ -367,6 +367,11 @@ def make_config(preset: str = "cpu", **overrides: Any) -> StabilityConfig:
     if unknown:
         raise RaptrError(f"unknown stability option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(names))}")
     cfg = dataclasses.replace(PRESETS[preset], **overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: StabilityConfig) -> None:
     for key in ("linear_depths", "tf_depths"):
         depths = getattr(cfg, key)
         if len(depths) < 2 or any(d < 1 for d in depths):
@@ -379,12 +384,16 @@ def make_config(preset: str = "cpu", **overrides: Any) -> StabilityConfig:
         raise RaptrError(f"max_skips={cfg.max_skips} must be at least 2 (first and last layer)")
     if cfg.tf_d_model % cfg.tf_heads:
         raise RaptrError(f"tf_d_model={cfg.tf_d_model} is not divisible by tf_heads={cfg.tf_heads}: pick a head count that divides it")
-    return cfg
 
 
 def run(out_dir: str | Path, preset: str = "cpu", progress: bool = True, **overrides: Any) -> Path:
+    """``run_config(make_config(preset, **overrides), out_dir)``."""
+    return run_config(make_config(preset, **overrides), out_dir, progress, preset)
+
+
+def run_config(cfg: StabilityConfig, out_dir: str | Path, progress: bool = True, preset: str = "custom") -> Path:
     """Measure (a) Ψ vs depth at init and (b) a trained run's transitions; write ``report.md`` and plots."""
-    cfg = make_config(preset, **overrides)
+    validate(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -416,12 +425,22 @@ def run(out_dir: str | Path, preset: str = "cpu", progress: bool = True, **overr
     timings["total"] = time.perf_counter() - started
     timings["cpu"] = time.process_time() - cpu_started
 
-    results = {"config": dataclasses.asdict(cfg), "linear": linear, "transformer": transformer, "trained": trained,
-               "timings": timings}
+    results = {"experiment": "stability", "preset": preset, "config": dataclasses.asdict(cfg), "linear": linear,
+               "transformer": transformer, "trained": trained, "timings": timings}
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    return rebuild(out)
+
+
+def rebuild(out_dir: str | Path) -> Path:
+    """``report.md`` and the plots again, from ``results.json`` alone (no measuring)."""
+    out = Path(out_dir)
+    results = json.loads((out / "results.json").read_text())
+    for part in ("linear", "transformer"):  # JSON made the depth keys strings
+        results[part] = {a: {int(k): v for k, v in by_depth.items()} for a, by_depth in results[part].items()}
+    cfg = StabilityConfig(**results["config"])
     _plots(results, cfg, out)
     report = out / "report.md"
-    report.write_text(_report(results, cfg, preset))
+    report.write_text(_report(results, cfg, results.get("preset", "cpu")))
     return report
 
 

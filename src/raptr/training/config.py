@@ -123,6 +123,13 @@ class RunConfig:
         return Path(self.train.out_dir.format(name=self.name))
 
 
+def _scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def _convert(value: Any, kind: Any, key: str) -> Any:
     if kind is MethodConfig:
         kind = method_config_type()
@@ -138,8 +145,8 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
         return from_dict(kind, value, key + ".")
     if origin is list:
         (item,) = typing.get_args(kind)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+        if isinstance(value, str):  # "0,1" on the command line: items parsed like single values, strings kept as written
+            value = [v if item is str else _scalar(v) for v in value.split(",") if v]
         if not isinstance(value, list):
             raise RaptrError(f"'{key}' must be a list, got {value!r}")
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -182,10 +189,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict, override: dict) -> dict:
+def merge_dicts(base: dict, override: dict) -> dict:
     out = dict(base)
     for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -216,7 +223,7 @@ def load_yaml(path: Path, _seen: tuple = ()) -> dict:
             raise RaptrError(f"{path}: 'inherit' must name one YAML file or preset, got {inherits!r}")
         parent = path.parent / inherits
         parent = parent if parent.is_file() else resolve_config_path(inherits)
-        data = _merge(load_yaml(parent, _seen + (path.resolve(),)), data)
+        data = merge_dicts(load_yaml(parent, _seen + (path.resolve(),)), data)
     return data
 
 
@@ -240,7 +247,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 def load_config(config: str | None, overrides: list[str] = ()) -> RunConfig:
     data = load_yaml(resolve_config_path(config)) if config else {}
-    cfg = from_dict(RunConfig, _merge(data, parse_overrides(list(overrides))))
+    cfg = from_dict(RunConfig, merge_dicts(data, parse_overrides(list(overrides))))
     validate(cfg)
     return cfg
 
