@@ -123,7 +123,7 @@ def test_suite_in_pieces_runs_only_what_is_missing(tmp_path, data_cache):
     assert cmp["n"] == 2 and len(cmp["ci95"]) == 2
     d = [runs[f"raptr{s}"]["final_val_loss"] - runs[f"standard{s}"]["final_val_loss"] for s in ("", "-seed1")]
     assert cmp["mean_diff"] == pytest.approx(sum(d) / 2)
-    assert {c["against"] for c in ev["comparisons"]} == {"standard", "standard-equiflop"}
+    assert {c["against"] for c in ev["comparisons"]} == {"standard", "standard-equiflop", "raptr"}
 
 
 def test_deadline_checkpoints_and_resumes_exactly(tmp_path, data_cache):
