@@ -34,7 +34,8 @@ def build(name):
                                                           intermediate_size=128, vocab_size=100, hidden_dropout_prob=0.0,
                                                           attention_probs_dropout_prob=0.0))
     if name == "t5":
-        return tf.T5ForConditionalGeneration(tf.T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=6, num_decoder_layers=2,
+        # 3 encoder + 3 decoder blocks: one path over both stacks (blocks 0 and 3 each compute a position bias)
+        return tf.T5ForConditionalGeneration(tf.T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=3, num_decoder_layers=3,
                                                          num_heads=4, vocab_size=100, dropout_rate=0.0))
     raise KeyError(name)
 
@@ -46,13 +47,16 @@ def loss_of(model, name):
 
 
 def without_skipped(model, active):
-    """The reference: the same weights with the skipped layers removed from the stack."""
+    """The reference: the same weights with the skipped layers removed from their stack(s)."""
     ref = copy.deepcopy(model)
-    layers = find_layer_stack(ref)
-    kept = nn.ModuleList([layer for layer, run in zip(layers, active) if run])
-    parent_path, _, attr = next(p for p in raptr.models.registry.REGISTRY[ref.config.model_type].paths
-                                if ref.get_submodule(p) is layers).rpartition(".")
-    setattr(ref.get_submodule(parent_path) if parent_path else ref, attr, kept)
+    start = 0
+    for path, stack in raptr.models.registry.discover_stacks(ref):
+        run = active[start:start + len(stack)]
+        start += len(stack)
+        parent_path, _, attr = path.rpartition(".")
+        setattr(ref.get_submodule(parent_path) if parent_path else ref, attr,
+                nn.ModuleList([layer for layer, keep in zip(stack, run) if keep]))
+    assert start == len(active)
     return ref
 
 
@@ -60,21 +64,25 @@ def without_skipped(model, active):
 def test_partial_path_equals_the_model_without_the_skipped_layers(name):
     model = build(name).train()
     plain = copy.deepcopy(model)
-    rp = raptr.wrap(model, schedule="3-6", total_steps=10)
+    # T5: both stacks' first blocks stay (each computes its stack's position bias)
+    fixed, active = ("0,3", [True, False, True, True, False, True]) if name == "t5" else ("first,last", ACTIVE)
+    rp = raptr.wrap(model, schedule="3-6", total_steps=10, fixed=fixed)
     rp.gates.run_all()
     assert torch.equal(loss_of(model, name), loss_of(plain, name))  # full path: bitwise the unwrapped model
-    ref = without_skipped(plain, ACTIVE)
-    rp.gates.set_path(ACTIVE)
+    ref = without_skipped(plain, active)
+    rp.gates.set_path(active)
     loss, want = loss_of(model, name), loss_of(ref, name)
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
     loss.backward()
     want.backward()
     layers = find_layer_stack(model)
-    for i, (layer, run) in enumerate(zip(layers, ACTIVE)):
+    for i, (layer, run) in enumerate(zip(layers, active)):
         if not run:
             assert all(p.grad is None for p in layer.parameters()), (name, i)
-    kept = [layer for layer, run in zip(layers, ACTIVE) if run]
-    for mine, theirs in zip(kept, find_layer_stack(ref)):  # the kept layers' gradients match the reference's
+    kept = [layer for layer, run in zip(layers, active) if run]
+    ref_layers = [m for path, _ in raptr.models.registry.discover_stacks(plain) for m in ref.get_submodule(path)]
+    assert len(ref_layers) == len(kept)
+    for mine, theirs in zip(kept, ref_layers):  # the kept layers' gradients match the reference's
         for (n, p), (_, q) in zip(mine.named_parameters(), theirs.named_parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=f"{name} {n}")
     in_layers = {id(p) for p in layers.parameters()}
@@ -97,5 +105,8 @@ def test_skipped_before_ever_running_learns_its_own_output_structure():
 
 
 def test_t5_block_zero_must_stay_fixed():
-    with pytest.raises(RaptrError, match=r"t5 layer\(s\) \[0\] compute state every other layer uses"):
+    with pytest.raises(RaptrError, match=r"t5 layer\(s\) \[0, 3\] compute state every other layer uses"):
         raptr.wrap(build("t5"), schedule="p:0.5-1", total_steps=10, fixed="none")
+    with pytest.raises(RaptrError, match=r"t5 layer\(s\) \[3\]"):  # the decoder's first block too
+        raptr.wrap(build("t5"), schedule="p:0.5-1", total_steps=10, fixed="first,last")
+    raptr.wrap(build("t5"), schedule="p:0.5-1", total_steps=10, fixed="0,3")

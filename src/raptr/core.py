@@ -409,7 +409,10 @@ class LayerGate:
             return self._gate_seen(super().__call__(*args, **kwargs))
         hidden = args[0] if args else kwargs["hidden_states"]
         if not self._gate_run:  # identity: y_l = y_{l-1}
-            return self._gate_identity(hidden, args, kwargs)
+            _refuse_cached_decoding(kwargs, hidden)
+            out = self._gate_identity(hidden, args, kwargs)
+            self._gate_record(args, out)
+            return out
         out = self._gate_seen(super().__call__(*args, **kwargs))
         # y_l = y_{l-1} + a * f(y_{l-1}): scale the whole residual branch of the layer.
         if isinstance(out, tuple):
@@ -429,8 +432,8 @@ class LayerGate:
         if n is None:
             n = (self.__dict__.get("_gate_stack") or {}).get(type(self))
         if n is None:  # neither it nor a sibling ever ran: learn what this layer returns from one real call
-            with torch.no_grad():
-                self._gate_seen(super().__call__(*args, **kwargs))
+            with torch.no_grad():  # forward, not __call__: no hooks fire (no one sees a layer that "ran")
+                self._gate_seen(self.forward(*args, **kwargs))
             n = self.__dict__["_gate_out_len"]
         if not n:
             return hidden
@@ -441,6 +444,43 @@ class LayerGate:
 
             given = inspect.signature(self.forward).bind_partial(*args, **kwargs).arguments
         return (hidden,) + tuple(given.get(passthrough[i]) if i in passthrough else None for i in range(1, n))
+
+
+    def _gate_record(self, args: tuple, out: Any) -> None:
+        """Keep outputs that HF collects per layer aligned with the layers.
+
+        transformers 5 gathers ``output_hidden_states`` / ``output_attentions`` with forward hooks
+        (``transformers.utils.output_capturing``), which a skipped layer never fires. Fire just those:
+        the layer's own with its (identity) output, so ``hidden_states`` keeps L+1 entries (a skipped
+        layer's output is its input), and its submodules' with None, so ``attentions`` has None
+        where a layer was skipped. No other hook sees a skipped layer.
+        """
+        for module in self.modules():
+            for hook in list(module._forward_hooks.values()):
+                if getattr(hook, "__name__", "") == "output_capturing_hook":
+                    hook(module, args, out if module is self else None)
+
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+def _refuse_cached_decoding(kwargs: dict, hidden: torch.Tensor) -> None:
+    """A partial path must not continue a KV cache: the skipped layers' entries are missing or stale.
+
+    A training forward may fill a fresh cache as it goes, which is harmless; a cache holding more
+    positions than this forward's input means cached decoding (``generate``) in train mode with a
+    partial path, whose logits would be silently wrong. Refused with one line: generate in eval
+    mode (every layer runs).
+    """
+    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+    if cache is None or not hasattr(cache, "get_seq_length") or not torch.is_tensor(hidden) or hidden.dim() != 3:
+        return
+    layers = getattr(cache, "layers", None)
+    cached = max((layer.get_seq_length() for layer in layers), default=0) if layers else cache.get_seq_length()
+    if cached > hidden.shape[1]:
+        raise RaptrError("cached decoding (generate / past_key_values) with a partial RaPTr path in train mode would "
+                         "give wrong logits: call model.eval() before generating (eval runs every layer), or "
+                         "pass use_cache=False")
 
 
 _GATED_CLASSES: dict[type, type] = {}

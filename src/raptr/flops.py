@@ -66,6 +66,40 @@ class ModelFlops:
         return self.train_step(self.num_layers, batch_size, labelled_positions)
 
 
+@dataclass(frozen=True)
+class MeasuredFlops:
+    """``ModelFlops``'s interface from measured forward FLOPs (``raptr.models.registry.measure_flops``).
+
+    ``layer_flops``: forward FLOPs of each layer on one sequence; ``rest_flops``: everything else
+    (mostly the LM head on every position), scaled by ``head_positions`` for the positions that get
+    logits. A step with ``layers_run`` layers counts the mean layer that many times (exact when the
+    layers are alike, as in every stack of identical blocks).
+    """
+
+    layer_flops: tuple[int, ...]
+    rest_flops: int
+    seq_len: int
+    head_positions: float = 1.0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_flops)
+
+    def layer_forward(self) -> float:
+        return sum(self.layer_flops) / len(self.layer_flops)
+
+    def head_forward_per_position(self) -> float:
+        return self.rest_flops / self.seq_len
+
+    def train_step(self, layers_run: float, batch_size: int, labelled_positions: float | None = None) -> float:
+        if labelled_positions is None:
+            labelled_positions = batch_size * self.seq_len * self.head_positions
+        return 3.0 * (batch_size * layers_run * self.layer_forward() + labelled_positions * self.head_forward_per_position())
+
+    def full_step(self, batch_size: int, labelled_positions: float | None = None) -> float:
+        return self.train_step(self.num_layers, batch_size, labelled_positions)
+
+
 def schedule_relative_flops(schedule: Schedule, model: ModelFlops | None = None) -> dict[str, float]:
     """Expected FLOPs of a RaPTr schedule relative to full-model training of equal steps.
 

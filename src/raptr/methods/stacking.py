@@ -137,6 +137,11 @@ class GradualStacking(Method):
     # ------------------------------------------------------------------ setup
     def attach(self, context: TrainingContext) -> None:
         super().attach(context)  # checks the schedule against the model's depth
+        from raptr.models.registry import is_joined_stack
+
+        if context.model is not None and is_joined_stack(context.model, context.layers):
+            raise RaptrError("stacking grows one stack of layers, but this model's layers span several stacks "
+                             "(an encoder-decoder): use a path method (raptr, pld, layerdrop) instead")
         lengths = parse_stage_lengths(self.options.stage_lengths, len(self.depths), context.total_steps)
         self.starts = [sum(lengths[:i]) for i in range(len(lengths))]
         self.ends = [s + n for s, n in zip(self.starts, lengths)]

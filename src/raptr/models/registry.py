@@ -1,7 +1,18 @@
 """Where each architecture keeps its layer stack, and the shape of one layer (for FLOPs).
 
-Hugging Face models are found by ``config.model_type``; models of our own (or yours) can
-instead define ``layer_stack() -> nn.ModuleList``. To add an architecture::
+``find_layer_stack(model)``, in order: the model's own ``layer_stack()`` method; the registry entry
+for ``config.model_type``; else **automatic discovery**: every ``nn.ModuleList`` whose children
+share one (non-``torch.nn``) class and whose length is one of the config's layer counts
+(``num_hidden_layers``, ``n_layer``, ``num_layers``, ``encoder_layers``, ...), outermost only. An
+encoder-decoder (T5, BART) has two such stacks: they form **one path over both** (encoder layers
+first, then decoder layers, in module order), so one schedule covers the whole model; the
+registry says which layers must still always run (T5: the first block of each stack).
+
+FLOPs: architectures with a registered ``shape`` are counted analytically (``raptr.flops``); any
+other is measured once with ``torch.utils.flop_counter.FlopCounterMode`` on a meta-device copy
+(``measure_flops``: no memory, no compute), per layer and for the rest (embeddings, LM head).
+
+The registry is data, one entry per architecture with special needs::
 
     raptr.register_layer_stack("mymodel", "model.blocks", shape=lambda cfg: LayerShape(...))
 """
@@ -11,10 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from raptr.errors import RaptrError
-from raptr.flops import LayerShape, ModelFlops
+from raptr.flops import LayerShape, MeasuredFlops, ModelFlops
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,8 @@ class StackSpec:
     # a skipped layer passes on in its place (T5: the position biases block 0 computes for all).
     passthrough: tuple[tuple[int, str], ...] = ()
     must_run: tuple[int, ...] = ()  # layers that compute state the others need: never skipped
+    first_of_each_must_run: bool = False  # ... the first layer of every stack (T5's position bias)
+    refuse: str = ""  # why this architecture's layers cannot be skipped (one error line), if so
 
 
 def _bert_shape(c) -> LayerShape:
@@ -65,11 +79,18 @@ REGISTRY: dict[str, StackSpec] = {
     "gpt_neo": StackSpec(("transformer.h", "h")),
     "mpt": StackSpec(("transformer.blocks", "blocks")),
     "deberta-v2": StackSpec(("deberta.encoder.layer", "encoder.layer")),
-    # T5: the encoder's blocks (the decoder runs in full). Block 0 computes the relative position
-    # bias that every later block is given, so it always runs and skipped blocks pass it on.
-    "t5": StackSpec(("encoder.block",), passthrough=((1, "position_bias"), (2, "encoder_decoder_position_bias")),
-                    must_run=(0,)),
+    # T5: encoder and decoder blocks, found by discovery (one path over both). Block 0 of each stack
+    # computes the relative position bias every later block is given, so it always runs and skipped
+    # blocks pass the biases on.
+    "t5": StackSpec((), passthrough=((1, "position_bias"), (2, "encoder_decoder_position_bias")),
+                    first_of_each_must_run=True),
+    # ALBERT runs one shared layer (group) num_hidden_layers times: there is no stack of distinct layers.
+    "albert": StackSpec((), refuse="ALBERT shares one layer across all its depth (config.num_hidden_groups=1), so "
+                                   "there are no separate layers to skip: RaPTr needs a stack of distinct layers"),
 }
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers",
+                    "num_decoder_layers")
 
 
 def register_layer_stack(model_type: str, path: str | tuple[str, ...], shape: Callable[[object], LayerShape] | None = None,
@@ -85,7 +106,15 @@ def register_layer_stack(model_type: str, path: str | tuple[str, ...], shape: Ca
 def layer_contract(model: nn.Module) -> tuple[dict[int, str], tuple[int, ...]]:
     """(passthrough, must_run) of the model's layer stack (empty for most architectures)."""
     spec = _spec(model)
-    return (dict(spec.passthrough), spec.must_run) if spec else ({}, ())
+    if spec is None:
+        return {}, ()
+    must = set(spec.must_run)
+    if spec.first_of_each_must_run:
+        start = 0
+        for _, stack in discover_stacks(model):
+            must.add(start)
+            start += len(stack)
+    return dict(spec.passthrough), tuple(sorted(must))
 
 
 def check_must_run(model: nn.Module, always_run: tuple[int, ...] | list[int], option: str) -> None:
@@ -112,22 +141,59 @@ def _spec(model: nn.Module) -> StackSpec | None:
     return REGISTRY.get(model_type) if model_type else None
 
 
+def _layer_counts(model: nn.Module) -> set[int]:
+    cfg = getattr(model, "config", None)
+    return {v for k in LAYER_COUNT_KEYS if isinstance(v := getattr(cfg, k, None), int) and v > 0}
+
+
+def discover_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every outermost ``nn.ModuleList`` of same-class layers whose length is a config layer count."""
+    counts = _layer_counts(model)
+    found: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) not in counts:
+            continue
+        kinds = {type(m) for m in module}
+        if len(kinds) != 1 or next(iter(kinds)).__module__.startswith("torch.nn"):
+            continue  # not a stack of transformer layers (a list of Linears, of experts' MLPs, ...)
+        if any(name.startswith(f + ".") for f, _ in found):
+            continue  # nested inside a stack already found (e.g. an MoE layer's experts)
+        found.append((name, module))
+    return found
+
+
 def find_layer_stack(model: nn.Module) -> nn.ModuleList:
-    """The model's list of transformer layers (the thing RaPTr samples paths through)."""
+    """The model's list of transformer layers (the thing RaPTr samples paths through).
+
+    For an encoder-decoder it is one ``nn.ModuleList`` over the layers of both stacks (not a
+    submodule of the model: the layers stay where they are, only the path spans both)."""
     if hasattr(model, "layer_stack"):
         return model.layer_stack()
     spec = _spec(model)
+    if spec is not None and spec.refuse:
+        raise RaptrError(spec.refuse)
     if spec is not None:
         for path in spec.paths:
             layers = _get(model, path)
             if isinstance(layers, nn.ModuleList):
                 return layers
+    stacks = discover_stacks(model)
+    if len(stacks) == 1:
+        return stacks[0][1]
+    if stacks:
+        return nn.ModuleList([layer for _, stack in stacks for layer in stack])
     name = type(model).__name__
     model_type = getattr(getattr(model, "config", None), "model_type", "?")
     raise RaptrError(
-        f"don't know where {name} (model_type={model_type!r}) keeps its layers: call "
-        f"raptr.register_layer_stack({model_type!r}, 'path.to.layers') or give the model a layer_stack() method"
+        f"don't know where {name} (model_type={model_type!r}) keeps its layers (no nn.ModuleList of same-class layers "
+        f"with the config's layer count): call raptr.register_layer_stack({model_type!r}, 'path.to.layers') or give "
+        "the model a layer_stack() method"
     )
+
+
+def is_joined_stack(model: nn.Module, layers: nn.ModuleList) -> bool:
+    """Whether ``layers`` spans several stacks (encoder-decoder) rather than being one of the model's lists."""
+    return not any(m is layers for m in model.modules())
 
 
 def layer_shape(model: nn.Module) -> LayerShape:
@@ -135,15 +201,91 @@ def layer_shape(model: nn.Module) -> LayerShape:
         return model.flops(1).layer
     spec = _spec(model)
     if spec is None or spec.shape is None:
-        raise RaptrError(f"no FLOPs shape known for {type(model).__name__}: pass shape= to raptr.register_layer_stack")
+        raise RaptrError(f"no analytic FLOPs shape for {type(model).__name__}: use model_flops (it measures one) or pass "
+                         "shape= to raptr.register_layer_stack")
     return spec.shape(model.config)
 
 
-def model_flops(model: nn.Module, seq_len: int, head_positions: float = 1.0) -> ModelFlops:
-    """FLOPs model of a whole network (layers + LM head) for one sequence length."""
+_MEASURED: dict[tuple, MeasuredFlops] = {}
+
+
+def measure_flops(model: nn.Module, seq_len: int, head_positions: float = 1.0) -> MeasuredFlops:
+    """FLOPs of one forward, per layer and for the rest, counted by ``FlopCounterMode`` on a meta copy.
+
+    The copy is built from ``model.config`` on the meta device (no memory, no compute) and run on a
+    batch of one ``seq_len`` sequence with eager attention (whose matmuls the counter sees); the
+    FLOPs outside the layers (the LM head on every position) are scaled by ``head_positions``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise RaptrError(f"cannot measure the FLOPs of {type(model).__name__} (it has no config): pass shape= to "
+                         "raptr.register_layer_stack")
+    key = (type(model), cfg.to_json_string() if hasattr(cfg, "to_json_string") else repr(cfg), seq_len)
+    if key not in _MEASURED:
+        counts, total, twin = _count_forward(model, cfg, seq_len)
+        where = {id(module): f"{type(twin).__name__}.{name}" for name, module in twin.named_modules()}
+        names = [where[id(layer)] for layer in find_layer_stack(twin)]
+        per_layer = [sum(counts.get(n, {}).values()) for n in names]
+        _MEASURED[key] = MeasuredFlops(tuple(per_layer), total - sum(per_layer), seq_len)
+    m = _MEASURED[key]
+    return MeasuredFlops(m.layer_flops, m.rest_flops, seq_len, head_positions)
+
+
+def _count_forward(model: nn.Module, cfg, seq_len: int):
+    """(per-module counts, total, the module counted): a meta copy, or else the model itself once.
+
+    The meta copy costs nothing; models whose kernels refuse meta tensors (e.g. MoE grouped
+    matmuls) are run for real on one sequence of zeros, under no_grad, with eager attention."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.zeros(1, seq_len, dtype=torch.long)
+    inputs = {"input_ids": ids}
+    if getattr(cfg, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids
+    meta_cfg = copy.deepcopy(cfg)
+    if hasattr(meta_cfg, "_attn_implementation"):
+        meta_cfg._attn_implementation = "eager"
+    errors = []
+    try:
+        with torch.device("meta"):
+            twin = type(model)(meta_cfg).eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            twin(**{k: v.to("meta") for k, v in inputs.items()})
+        return counter.get_flop_counts(), counter.get_total_flops(), twin
+    except Exception as e:
+        errors.append(f"meta copy: {type(e).__name__}: {str(e)[:100]}")
+    impl = getattr(cfg, "_attn_implementation", None)
+    was_training = model.training
+    try:
+        if impl is not None:
+            cfg._attn_implementation = "eager"
+        device = next(model.parameters()).device
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model.eval()(**{k: v.to(device) for k, v in inputs.items()})
+        return counter.get_flop_counts(), counter.get_total_flops(), model
+    except Exception as e:
+        errors.append(f"the model itself: {type(e).__name__}: {str(e)[:100]}")
+    finally:
+        model.train(was_training)
+        if impl is not None:
+            cfg._attn_implementation = impl
+    raise RaptrError(f"could not measure {type(model).__name__}'s FLOPs ({'; '.join(errors)}): pass shape= to "
+                     "raptr.register_layer_stack")
+
+
+def model_flops(model: nn.Module, seq_len: int, head_positions: float = 1.0) -> ModelFlops | MeasuredFlops:
+    """FLOPs model of a whole network (layers + LM head) for one sequence length: analytic where the
+    registry has the architecture's shape, measured (``measure_flops``) otherwise."""
     if hasattr(model, "flops"):
         return model.flops(seq_len, head_positions)
     spec = _spec(model)
+    if spec is None or spec.shape is None:
+        return measure_flops(model, seq_len, head_positions)
     cfg = model.config
     return ModelFlops(layer_shape(model), len(find_layer_stack(model)), seq_len, cfg.vocab_size, head_positions,
                       head_transform=bool(spec and spec.head_transform))
