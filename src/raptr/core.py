@@ -409,7 +409,7 @@ class LayerGate:
             return self._gate_seen(super().__call__(*args, **kwargs))
         hidden = args[0] if args else kwargs["hidden_states"]
         if not self._gate_run:  # identity: y_l = y_{l-1}
-            _refuse_cached_decoding(kwargs, hidden)
+            _refuse_cached_decoding(self, args, kwargs, hidden)
             out = self._gate_identity(hidden, args, kwargs)
             self._gate_record(args, out)
             return out
@@ -461,10 +461,10 @@ class LayerGate:
                     hook(module, args, out if module is self else None)
 
 
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # transformers 5.2x names it `cache`
 
 
-def _refuse_cached_decoding(kwargs: dict, hidden: torch.Tensor) -> None:
+def _refuse_cached_decoding(layer: nn.Module, args: tuple, kwargs: dict, hidden: torch.Tensor) -> None:
     """A partial path must not continue a KV cache: the skipped layers' entries are missing or stale.
 
     A training forward may fill a fresh cache as it goes, which is harmless; a cache holding more
@@ -473,8 +473,17 @@ def _refuse_cached_decoding(kwargs: dict, hidden: torch.Tensor) -> None:
     mode (every layer runs).
     """
     cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+    if cache is None and len(args) > 1:  # some layers take the cache positionally (GPT-2, BART, MPT)
+        import inspect
+
+        try:
+            bound = inspect.signature(layer.forward).bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = {}
+        cache = next((bound[k] for k in _CACHE_KWARGS if bound.get(k) is not None), None)
     if cache is None or not hasattr(cache, "get_seq_length") or not torch.is_tensor(hidden) or hidden.dim() != 3:
         return
+    cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder's: its decoder self-attention part
     layers = getattr(cache, "layers", None)
     cached = max((layer.get_seq_length() for layer in layers), default=0) if layers else cache.get_seq_length()
     if cached > hidden.shape[1]:

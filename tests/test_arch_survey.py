@@ -1,0 +1,225 @@
+"""Survey: RaPTr on every transformers architecture in tests/arch_zoo.py, *without registration*.
+
+Per architecture (tiny config, CPU): the layer stack(s) are found by ``raptr.wrap`` itself; the full
+path (train and eval mode) is bitwise the unwrapped model; a partial path gives the loss and
+gradients of the same weights with the skipped layers removed, and skipped parameters keep
+``grad is None``; ``hidden_states`` keep L+1 entries; cached generation after a partial-path step
+is refused while eval-mode generation is exact; gradient checkpointing and a
+``save_pretrained``/``from_pretrained`` round trip work; the FLOPs model is within 2% of
+``FlopCounterMode`` (eager attention).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import raptr
+from arch_zoo import ZOO, build
+from raptr.errors import RaptrError
+from raptr.models.registry import REGISTRY, discover_stacks, find_layer_stack, model_flops
+
+SURVEYED = sorted(n for n in ZOO if n != "albert")
+B, T = 2, 16
+
+
+def _inputs(arch, model, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (B, T), generator=gen)
+    out = {"input_ids": ids, "labels": ids}
+    if arch.task == "seq2seq":
+        out["decoder_input_ids"] = ids
+    if "use_cache" in model.forward.__code__.co_varnames or arch.task != "mlm":
+        out["use_cache"] = False
+    return out
+
+
+def _stacks(model, arch):
+    return [(path, model.get_submodule(path)) for path in arch.layers]
+
+
+def _path(model, arch):
+    """Per stack: its first and last layers run, its second is skipped (and every other odd one)."""
+    active = []
+    for _, stack in _stacks(model, arch):
+        n = len(stack)
+        active += [i in (0, n - 1) or i % 2 == 0 for i in range(n)]
+    return active
+
+
+class _Identity(nn.Module):
+    """A skipped layer in the reference: returns its input (models that read per-position layer metadata,
+    e.g. Gemma2's ``config.layer_types[i]``, see the same positions as in the wrapped model)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        for key in ("attention_type", "layer_idx", "is_sliding", "sliding_window"):  # metadata models read
+            if hasattr(layer, key) and not isinstance(getattr(layer, key), nn.Module):
+                setattr(self, key, getattr(layer, key))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _returns_tuples(model, arch, inputs):
+    seen = []
+    first = model.get_submodule(arch.layers[0])[0]
+    handle = first.register_forward_hook(lambda m, a, o: seen.append(isinstance(o, tuple)))
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    return seen[0]
+
+
+def _reference(model, arch, active, inputs):
+    """Layers that return a bare tensor: skipped ones replaced by the identity. Tuple-returning layers
+    (their identity would need the architecture's tuple): skipped ones removed from the stack."""
+    if _returns_tuples(model, arch, inputs):
+        return _without_skipped(model, arch, active)
+    ref = copy.deepcopy(model)
+    start = 0
+    for _, stack in _stacks(ref, arch):
+        for i in range(len(stack)):
+            if not active[start + i]:
+                stack[i] = _Identity(stack[i])
+        start += len(stack)
+    return ref
+
+
+def _without_skipped(model, arch, active):
+    ref = copy.deepcopy(model)
+    start = 0
+    for path, stack in _stacks(ref, arch):
+        keep = active[start:start + len(stack)]
+        start += len(stack)
+        parent, _, attr = path.rpartition(".")
+        setattr(ref.get_submodule(parent) if parent else ref, attr, nn.ModuleList([m for m, k in zip(stack, keep) if k]))
+    return ref
+
+
+def test_zoo_is_big_enough():
+    assert len(SURVEYED) >= 30
+    for name in ("bert", "roberta", "distilbert", "electra", "modernbert", "deberta-v2", "xlm-roberta", "gpt2", "gptj",
+                 "gpt_neo", "gpt_neox", "opt", "bloom", "falcon", "mpt", "llama", "mistral", "mixtral", "qwen2", "qwen3",
+                 "qwen2_moe", "phi", "phi3", "gemma", "gemma2", "olmo2", "starcoder2", "t5", "bart"):
+        assert name in ZOO, name
+
+
+@pytest.mark.parametrize("name", SURVEYED)
+def test_raptr_on_an_unregistered_architecture(name, tmp_path):
+    arch = ZOO[name]
+    model, cfg = build(name)
+    model.train()
+    plain = copy.deepcopy(model)
+    spec = REGISTRY.get(cfg.model_type)
+    layers = find_layer_stack(model)
+    want = [m for _, stack in _stacks(model, arch) for m in stack]
+    assert [id(m) for m in layers] == [id(m) for m in want], "found the wrong layers"
+    if spec is None or not spec.paths:  # found by discovery, not by a registry path
+        assert [p for p, _ in discover_stacks(model)] == list(arch.layers)
+    active = _path(model, arch)
+    fixed = ",".join(str(i) for i, run in enumerate(active) if run)
+    rp = raptr.wrap(model, schedule=f"p:0.5-1", total_steps=10, fixed=fixed)
+    inputs = _inputs(arch, model)
+
+    # full path, train mode: bitwise the unwrapped model
+    rp.gates.run_all()
+    assert torch.equal(model(**inputs).loss, plain(**inputs).loss)
+
+    # partial path: the loss and gradients of the model without the skipped layers
+    ref = _reference(plain, arch, active, inputs)
+    rp.gates.set_path(active)
+    loss, want_loss = model(**inputs).loss, ref(**inputs).loss
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    want_loss.backward()
+    for layer, run in zip(layers, active):
+        assert all((p.grad is None) != run for p in layer.parameters())
+    in_layers = {id(p) for p in layers.parameters()}
+    ref_params = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        if id(p) not in in_layers and p.grad is not None and n in ref_params:
+            torch.testing.assert_close(p.grad, ref_params[n].grad, rtol=1e-4, atol=1e-5, msg=n)
+
+    # hidden states stay aligned with the layers: L+1 per stack
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    sizes = [len(stack) for _, stack in _stacks(model, arch)]
+    if arch.task == "seq2seq":
+        assert [len(out.encoder_hidden_states), len(out.decoder_hidden_states)] == [n + 1 for n in sizes]
+    else:
+        assert len(out.hidden_states) == sizes[0] + 1
+
+    # generation: with a KV cache refused in train mode with a partial path (models that decode without
+    # a cache, e.g. MPT, recompute every position with the same path: exactly the reference's tokens);
+    # exact in eval mode
+    if arch.task != "mlm":
+        prompt = inputs["input_ids"][:1, :5]
+        kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+        try:
+            tokens = model.generate(prompt, **kw)
+        except RaptrError as e:
+            assert "cached decoding" in str(e)
+        else:
+            assert torch.equal(tokens, ref.generate(prompt, **kw)), "generate with a partial path was silently wrong"
+        model.eval()
+        plain.eval()
+        assert torch.equal(model.generate(prompt, **kw), plain.generate(prompt, **kw))
+        model.train()
+        plain.train()
+
+    # eval mode: every layer, unscaled, whatever the path
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).loss, plain(**inputs).loss)
+    model.train()
+
+    # gradient checkpointing keeps the skipping
+    if getattr(model, "supports_gradient_checkpointing", False):
+        model.zero_grad(set_to_none=True)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        gc_loss = model(**inputs).loss
+        gc_loss.backward()
+        torch.testing.assert_close(gc_loss, want_loss, rtol=1e-5, atol=1e-6)
+        for layer, run in zip(layers, active):
+            assert all((p.grad is None) != run for p in layer.parameters())
+        model.gradient_checkpointing_disable()
+
+    # save_pretrained / from_pretrained while wrapped: the plain class, the same weights
+    model.save_pretrained(tmp_path / "m")
+    again = type(plain).from_pretrained(tmp_path / "m")
+    assert type(find_layer_stack(again)[0]) is type(find_layer_stack(plain)[0])
+    mine = model.state_dict()
+    assert all(torch.equal(v, mine[k]) for k, v in again.state_dict().items())
+    rp.gates.unwrap()
+
+
+@pytest.mark.parametrize("name", SURVEYED)
+def test_flops_model_matches_flop_counter(name):
+    arch = ZOO[name]
+    model, cfg = build(name)
+    model.eval()
+    ids = torch.randint(3, 100, (1, T), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, **({"decoder_input_ids": ids} if arch.task == "seq2seq" else {})}
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(**inputs)
+    counted = counter.get_total_flops()
+    predicted = model_flops(model, T).full_step(1) / 3  # training = 3x forward
+    assert predicted == pytest.approx(counted, rel=0.02), (predicted, counted)
+
+
+def test_albert_shared_layer_is_refused_with_one_line():
+    model, _ = build("albert")
+    with pytest.raises(RaptrError, match="ALBERT shares one layer"):
+        raptr.wrap(model, schedule="p:0.5-1", total_steps=10)
+
+
+def test_wrapping_twice_is_refused():
+    model, _ = build("llama")
+    raptr.wrap(model, schedule="p:0.5-1", total_steps=10)
+    with pytest.raises(RaptrError, match="already wrapped"):
+        raptr.wrap(model, schedule="p:0.5-1", total_steps=10)
