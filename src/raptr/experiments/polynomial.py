@@ -293,13 +293,9 @@ def train_one(method: str, cfg: PolynomialConfig, seed: int, target: Target, eva
 
 # ---------------------------------------------------------------------------------------- entry point
 def make_config(preset: str = "cpu", **overrides: Any) -> PolynomialConfig:
-    if preset not in PRESETS:
-        raise RaptrError(f"unknown polynomial preset {preset!r}: use one of {', '.join(PRESETS)}")
-    names = {f.name for f in dataclasses.fields(PolynomialConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise RaptrError(f"unknown polynomial option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(names))}")
-    cfg = dataclasses.replace(PRESETS[preset], **overrides)
+    from raptr.experiments.protocol import preset_config
+
+    cfg = preset_config("polynomial", PRESETS, preset, overrides)
     validate(cfg)
     return cfg
 

@@ -129,6 +129,17 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 
 
+def preset_config(kind: str, presets: dict, preset: str, overrides: dict) -> Any:
+    """``dataclasses.replace(presets[preset], **overrides)`` with one error line for an unknown preset or key."""
+    if preset not in presets:
+        raise RaptrError(f"unknown {kind} preset {preset!r}: use one of {', '.join(presets)}")
+    names = {f.name for f in dataclasses.fields(presets[preset])}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise RaptrError(f"unknown {kind} option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(names))}")
+    return dataclasses.replace(presets[preset], **overrides)
+
+
 def experiment(name: str) -> Experiment:
     if name not in EXPERIMENTS:
         raise RaptrError(f"unknown experiment {name!r}: use one of {', '.join(EXPERIMENTS)}")

@@ -360,13 +360,9 @@ def transition_verdict(measurements: list[dict], jumps: list[dict]) -> tuple[str
 
 # ---------------------------------------------------------------------------------------- entry point
 def make_config(preset: str = "cpu", **overrides: Any) -> StabilityConfig:
-    if preset not in PRESETS:
-        raise RaptrError(f"unknown stability preset {preset!r}: use one of {', '.join(PRESETS)}")
-    names = {f.name for f in dataclasses.fields(StabilityConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise RaptrError(f"unknown stability option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(names))}")
-    cfg = dataclasses.replace(PRESETS[preset], **overrides)
+    from raptr.experiments.protocol import preset_config
+
+    cfg = preset_config("stability", PRESETS, preset, overrides)
     validate(cfg)
     return cfg
 
