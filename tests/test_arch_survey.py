@@ -223,3 +223,58 @@ def test_wrapping_twice_is_refused():
     raptr.wrap(model, schedule="p:0.5-1", total_steps=10)
     with pytest.raises(RaptrError, match="already wrapped"):
         raptr.wrap(model, schedule="p:0.5-1", total_steps=10)
+
+
+WIDTH_FAMILIES = ["bert", "roberta", "xlm-roberta", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
+
+
+@pytest.mark.parametrize("name", ["olmo2", "phi3", "gpt2", "falcon"])
+def test_width_refuses_families_whose_heads_cannot_be_sliced(name):
+    from raptr.width import WidthRaPTr
+
+    model, _ = build(name)
+    with pytest.raises(RaptrError, match="width subnetworks don.t support"):
+        WidthRaPTr(model, "0.5-1", total_steps=2)
+    assert not any(type(m).__name__.startswith("Width") for m in model.modules())  # left as it was
+
+
+@pytest.mark.parametrize("name", WIDTH_FAMILIES)
+def test_width_subnetworks_on_each_supported_family(name):
+    """Width (registry data, raptr.models.registry.WIDTH_LAYERS): bitwise at full width and in eval
+    mode; at half width the heads/units really shrink, idle slices get exactly zero gradient, and the
+    FLOPs share matches FlopCounterMode on the same forward."""
+    from raptr.width import WidthRaPTr
+
+    arch = ZOO[name]
+    model, _ = build(name)
+    model.train()
+    plain = copy.deepcopy(model)
+    inputs = _inputs(arch, model)
+    wr = WidthRaPTr(model, "0.5-1", total_steps=2, seed=0)
+    wr.step(1)  # fraction 1: nothing sliced
+    assert torch.equal(model(**inputs).loss, plain(**inputs).loss)
+    plan = wr.step(0)  # fraction 0.5
+    assert all(n < wl.n_heads for n, wl in zip(plan.num_heads, wr.layers))
+    first = wr.layers[0]
+    widths = []
+    handle = first.head_out[0].register_forward_hook(lambda m, a, o: widths.append(o.shape[-1]))
+    loss = model(**inputs).loss
+    handle.remove()
+    assert widths == [plan.num_heads[0] * first.head_dim] and torch.isfinite(loss)
+    loss.backward()
+    q = first.head_out[0].weight.grad
+    idle = torch.ones(q.shape[0], dtype=torch.bool)
+    idle[first.head_out[0]._width_idx] = False
+    assert torch.count_nonzero(q[idle]) == 0 and torch.count_nonzero(q[~idle]) > 0
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(**inputs)
+    counts = counter.get_flop_counts()
+    layer_name = next(k for k in counts if k.endswith(arch.layers[0] + ".0"))
+    assert sum(counts[layer_name].values()) == pytest.approx(
+        B * first.sub_shape(plan.num_kv_heads[0], plan.num_units[0]).forward_flops(T), rel=0.02)
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).loss, plain(**inputs).loss)
+    wr.unwrap()

@@ -481,7 +481,7 @@ def test_schedule_stages():
 
 def test_unsupported_layers_and_options_are_one_clear_line():
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=D, n_layer=1, n_head=H, vocab_size=50, n_positions=16))
-    with pytest.raises(RaptrError, match="don't support GPT2Block layers: supported are raptr's reference Block, BertLayer"):
+    with pytest.raises(RaptrError, match="don't support GPT2Block layers: supported are raptr's reference Block and BertLayer"):
         WidthRaPTr(gpt2, "0.5-1", total_steps=10)
     with pytest.raises(RaptrError, match="don't support Linear"):
         WidthRaPTr(nn.ModuleList([nn.Linear(4, 4)]), "0.5-1", total_steps=10)

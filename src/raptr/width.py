@@ -42,8 +42,9 @@ How (see docs/width.md for the choices and why):
 * ``model.eval()`` runs the full model, unscaled; at fraction 1 nothing is sliced, so the outputs
   are bit-identical to the unwrapped model.
 
-Supported layers: raptr's reference ``Block``; HF ``BertLayer``/``RobertaLayer`` (self-attention
-only) and ``LlamaDecoderLayer``/``MistralDecoderLayer``/``Qwen2DecoderLayer``.
+Supported layers: raptr's reference ``Block`` and the HF layer classes listed as data in
+``raptr.models.registry.WIDTH_LAYERS`` (BERT, RoBERTa, XLM-R self-attention; Llama, Mistral, Qwen2,
+Qwen3, Gemma, Gemma2, Gemma3).
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ from raptr.errors import RaptrError
 from raptr.flops import LayerShape
 
 
-BERT_LIKE = ("BertLayer", "RobertaLayer")
-LLAMA_LIKE = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
-SUPPORTED = "raptr's reference Block, " + "/".join(BERT_LIKE) + " and " + "/".join(LLAMA_LIKE)
+def _supported() -> str:
+    from raptr.models.registry import WIDTH_LAYERS
+
+    return "raptr's reference Block and " + ", ".join(WIDTH_LAYERS)
 
 # --------------------------------------------------------------------------------------------
 # 1. Schedule of kept fractions
@@ -175,28 +177,27 @@ class WidthLayer:
             self.head_out, self.head_in = [layer.qkv], layer.proj
             self.unit_out, self.unit_in = [layer.fc1], layer.fc2
             self.gated = False
-        elif name in BERT_LIKE or any(c.__name__ in BERT_LIKE for c in type(layer).__mro__):
-            self.kind = "bert"
-            if getattr(layer, "crossattention", None) is not None:
-                raise RaptrError(f"{name} with cross-attention is not supported by width subnetworks: "
-                                 "use an encoder (add_cross_attention=False)")
-            att = layer.attention.self
-            self.head_dim = att.attention_head_size
-            self.n_heads = self.n_kv = att.query.out_features // self.head_dim
-            self.head_out, self.head_in = [att.query, att.key, att.value], layer.attention.output.dense
-            self.unit_out, self.unit_in = [layer.intermediate.dense], layer.output.dense
-            self.gated = False
-        elif name in LLAMA_LIKE or any(c.__name__ in LLAMA_LIKE for c in type(layer).__mro__):
-            self.kind = "llama"
-            att = layer.self_attn
-            self.head_dim = att.head_dim
-            self.n_heads = att.q_proj.out_features // self.head_dim
-            self.n_kv = att.k_proj.out_features // self.head_dim
-            self.head_out, self.head_in = [att.q_proj, att.k_proj, att.v_proj], att.o_proj
-            self.unit_out, self.unit_in = [layer.mlp.gate_proj, layer.mlp.up_proj], layer.mlp.down_proj
-            self.gated = True
-        else:
-            raise RaptrError(f"width subnetworks don't support {name} layers: supported are {SUPPORTED}")
+        else:  # per-architecture knowledge is data: raptr.models.registry.WIDTH_LAYERS
+            from raptr.models.registry import width_spec
+
+            spec = width_spec(layer)
+            if spec is None:
+                raise RaptrError(f"width subnetworks don't support {name} layers: supported are {_supported()}")
+            for attr in spec.absent:
+                if getattr(layer, attr, None) is not None:
+                    raise RaptrError(f"{name} with {attr} is not supported by width subnetworks: "
+                                     "use an encoder (add_cross_attention=False)")
+            get = layer.get_submodule
+            self.kind = "hf"
+            head_dim = layer
+            for part in spec.head_dim.split("."):
+                head_dim = getattr(head_dim, part)
+            self.head_dim = int(head_dim)
+            self.head_out, self.head_in = [get(p) for p in spec.head_out], get(spec.head_in)
+            self.unit_out, self.unit_in = [get(p) for p in spec.unit_out], get(spec.unit_in)
+            self.n_heads = self.head_out[0].out_features // self.head_dim
+            self.n_kv = self.head_out[1].out_features // self.head_dim
+            self.gated = spec.gated
         self.d_model = self.head_in.out_features
         self.d_ff = self.unit_in.in_features
         self.n_rep = self.n_heads // self.n_kv  # query heads per KV group (1 without GQA)

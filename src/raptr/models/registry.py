@@ -89,6 +89,48 @@ REGISTRY: dict[str, StackSpec] = {
                                    "there are no separate layers to skip: RaPTr needs a stack of distinct layers"),
 }
 
+@dataclass(frozen=True)
+class WidthSpec:
+    """Where a layer class keeps the linears width subnetworks slice (attribute paths inside the layer).
+
+    ``head_out``: the projections producing heads (q, k, v; the first is the queries), ``head_in``
+    the one consuming them; ``unit_out`` the FFN projections producing hidden units, ``unit_in`` the
+    one consuming them; ``head_dim``: the attribute holding the head size; ``absent``: attributes
+    that must be None (e.g. BERT's cross-attention, which width does not slice)."""
+
+    head_out: tuple[str, ...]
+    head_in: str
+    unit_out: tuple[str, ...]
+    unit_in: str
+    head_dim: str
+    gated: bool = False
+    absent: tuple[str, ...] = ()
+
+
+_BERT_WIDTH = WidthSpec(("attention.self.query", "attention.self.key", "attention.self.value"), "attention.output.dense",
+                        ("intermediate.dense",), "output.dense", "attention.self.attention_head_size",
+                        absent=("crossattention",))
+_LLAMA_WIDTH = WidthSpec(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
+                         ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "self_attn.head_dim", gated=True)
+
+# Width subnetworks, per layer class (by name, so no transformers import is needed here).
+WIDTH_LAYERS: dict[str, WidthSpec] = {
+    **{name: _BERT_WIDTH for name in ("BertLayer", "RobertaLayer", "XLMRobertaLayer")},
+    **{name: _LLAMA_WIDTH for name in ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                                        "GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer")},
+    # Not OLMo2: its q/k norms span the whole projection width, so heads cannot be sliced out of them.
+    # Not Phi3 (fused qkv_proj / gate_up_proj) or GPT-2 (Conv1D, fused c_attn): refused with one line.
+}
+
+
+def width_spec(layer: nn.Module) -> WidthSpec | None:
+    """The width data of ``layer``'s class (or a base class of it), or None if it is not supported."""
+    for cls in type(layer).__mro__:
+        if cls.__name__ in WIDTH_LAYERS:
+            return WIDTH_LAYERS[cls.__name__]
+    return None
+
+
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers",
                     "num_decoder_layers")
 
