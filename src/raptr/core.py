@@ -28,6 +28,7 @@ Three pieces, each usable alone:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -464,6 +465,18 @@ class LayerGate:
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # transformers 5.2x names it `cache`
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_position(cls: type) -> int | None:
+    """Index in ``forward``'s positional arguments (after self) of its KV-cache parameter, if it has one."""
+    import inspect
+
+    try:
+        names = list(inspect.signature(cls.forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return None
+    return next((names.index(k) for k in _CACHE_KWARGS if k in names), None)
+
+
 def _refuse_cached_decoding(layer: nn.Module, args: tuple, kwargs: dict, hidden: torch.Tensor) -> None:
     """A partial path must not continue a KV cache: the skipped layers' entries are missing or stale.
 
@@ -473,14 +486,9 @@ def _refuse_cached_decoding(layer: nn.Module, args: tuple, kwargs: dict, hidden:
     mode (every layer runs).
     """
     cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
-    if cache is None and len(args) > 1:  # some layers take the cache positionally (GPT-2, BART, MPT)
-        import inspect
-
-        try:
-            bound = inspect.signature(layer.forward).bind_partial(*args, **kwargs).arguments
-        except TypeError:
-            bound = {}
-        cache = next((bound[k] for k in _CACHE_KWARGS if bound.get(k) is not None), None)
+    if cache is None:  # some layers take the cache positionally (GPT-2, BART, MPT)
+        position = _cache_position(type(layer))
+        cache = args[position] if position is not None and position < len(args) else None
     if cache is None or not hasattr(cache, "get_seq_length") or not torch.is_tensor(hidden) or hidden.dim() != 3:
         return
     cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder's: its decoder self-attention part
