@@ -459,7 +459,7 @@ def test_depth_and_width_combine_on_the_reference_model():
     ("0.75-0.5-1", {}, "decreases"),
     ("0-1", {}, r"outside \(0, 1\]"),
     ("0.5-1.5", {}, r"outside \(0, 1\]"),
-    ("0.5-0.75", {}, "not the full model"),
+    ("0.5-0.75", {}, "kept fraction 0.75, not the full model: end the width schedule at 1"),
     ("0.5-x-1", {}, "cannot read width schedule"),
     ("", {}, "empty width schedule"),
     ("0.5-1", {"stage_lengths": "1,2,3"}, "3 stage lengths given for 2 stages"),
@@ -472,11 +472,23 @@ def test_schedule_errors_are_one_clear_line(spec, kwargs, message):
 
 def test_schedule_stages():
     s = WidthSchedule.parse("0.5-0.75-1", 300)
-    assert [st.keep_prob for st in s.stages] == [0.5, 0.75, 1.0] and s.boundaries == [100, 200]
+    assert [st.fraction for st in s.stages] == [0.5, 0.75, 1.0] and s.boundaries == [100, 200]
     assert s.fraction(99) == 0.5 and s.fraction(250) == 1.0 and s.fraction(10_000) == 1.0
     warm = WidthSchedule.parse("0.5-1", 100, full_warmup=0.2)
-    assert [(st.steps, st.keep_prob) for st in warm.stages] == [(20, 1.0), (40, 0.5), (40, 1.0)]
-    assert WidthSchedule.parse("0.5-0.75", 10, require_full_final=False).stages[-1].keep_prob == 0.75
+    assert [(st.steps, st.fraction) for st in warm.stages] == [(20, 1.0), (40, 0.5), (40, 1.0)]
+    assert WidthSchedule.parse("0.5-0.75", 10, require_full_final=False).stages[-1].fraction == 0.75
+    assert not hasattr(s, "num_layers")  # width stages need no layer count
+
+
+def test_width_and_depth_schedules_share_stage_machinery():
+    """Same lengths spec, warm-up and steps: a width schedule's stage spans are the depth schedule's."""
+    from raptr.core import Schedule
+
+    for lengths, warm in [("equal", 0), ("prop:1", 0.1), ("1,2,1", 25)]:
+        depth = Schedule.parse("8-10-12", 12, 997, fixed="none", stage_lengths=lengths, full_warmup=warm)
+        width = WidthSchedule.parse("0.5-0.75-1", 997, stage_lengths=lengths, full_warmup=warm)
+        assert [(d.start, d.end) for d in depth.stages] == [(w.start, w.end) for w in width.stages]
+        assert depth.boundaries == width.boundaries and depth.full_warmup_steps == width.full_warmup_steps
 
 
 def test_unsupported_layers_and_options_are_one_clear_line():

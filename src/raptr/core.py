@@ -144,6 +144,74 @@ def keep_prob_for_path(path_length: float, num_layers: int, num_fixed: int, coun
     return path_length / num_layers
 
 
+@dataclass(frozen=True)
+class Span:
+    """One stage of a ``Stages``: steps [start, end) and the stage's value in (0, 1]."""
+
+    index: int
+    start: int
+    end: int
+    value: float
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+
+class Stages:
+    """The stage machinery every staged method shares, with no model in it.
+
+    Stage i covers steps [start_i, end_i) and carries a value in (0, 1] that never decreases: the
+    keep probability of a non-fixed layer (``Schedule``), the kept width fraction
+    (``raptr.width.WidthSchedule``). Lengths come from ``stage_lengths``; an optional full-model
+    warm-up stage (value 1) goes first. A pure function of the step: nothing to save or restore.
+    ``what``/``shown``/``full_hint`` only word the errors (what the value is, how the schedule was
+    written, how to end it at the full model).
+    """
+
+    def __init__(self, values: Sequence[float], total_steps: int, stage_lengths: str | Sequence[float] = "equal",
+                 full_warmup: float = 0, require_full_final: bool = True, *, what: str = "keep probability",
+                 shown: str | None = None, full_hint: str = "end the schedule at 1, or set require_full_final=false if that is intended", example: str = "6-8-10-12"):
+        if total_steps < 1:
+            raise RaptrError(f"total_steps must be >= 1, got {total_steps}")
+        values = [float(v) for v in values]
+        if not values:
+            raise RaptrError(f"empty schedule: give at least one stage, e.g. '{example}'")
+        for v in values:
+            if not 0.0 < v <= 1.0:
+                raise RaptrError(f"{what} {v:g} is outside (0, 1]: every stage must train some of the model and at most all of it")
+        shown = shown or "-".join(f"{v:g}" for v in values)
+        if any(b < a for a, b in zip(values, values[1:])):
+            raise RaptrError(f"schedule {shown} decreases: RaPTr subnetworks must grow (or stay) stage by stage")
+        if require_full_final and values[-1] < 1.0:
+            raise RaptrError(f"the last stage keeps {what} {values[-1]:g}, not the full model: {full_hint}")
+        # Optional full-model warm-up stage (UL2's strong configuration): steps, or a fraction if < 1.
+        warm = int(round(full_warmup * total_steps)) if 0 < full_warmup < 1 else int(full_warmup)
+        if warm < 0 or warm >= total_steps:
+            raise RaptrError(f"full_warmup={full_warmup} must be >= 0 and shorter than total_steps={total_steps}")
+        lengths = parse_stage_lengths(stage_lengths, len(values), total_steps - warm)
+        if warm:
+            values, lengths = [1.0] + values, [warm] + lengths
+        spans, start = [], 0
+        for i, (v, n) in enumerate(zip(values, lengths)):
+            spans.append(Span(i, start, start + n, v))
+            start += n
+        self.spans: tuple[Span, ...] = tuple(spans)
+        self.total_steps = total_steps
+        self.full_warmup_steps = warm
+
+    def index_at(self, step: int) -> int:
+        for span in self.spans:
+            if step < span.end:
+                return span.index
+        return self.spans[-1].index  # training past total_steps keeps the last stage
+
+    @property
+    def boundaries(self) -> list[int]:
+        """Steps at which a new stage starts (not counting step 0)."""
+        return [s.start for s in self.spans[1:]]
+
+
 class Schedule:
     """Stages of RaPTr: stage s lasts ``steps`` and keeps each non-fixed layer with prob ``p_s``."""
 
@@ -160,41 +228,17 @@ class Schedule:
     ):
         if num_layers < 1:
             raise RaptrError(f"num_layers must be >= 1, got {num_layers}")
-        if total_steps < 1:
-            raise RaptrError(f"total_steps must be >= 1, got {total_steps}")
         self.num_layers = num_layers
         self.total_steps = total_steps
         self.fixed = parse_fixed(fixed, num_layers)
-        probs = [float(p) for p in keep_probs]
-        if not probs:
-            raise RaptrError("empty schedule: give at least one stage, e.g. '6-8-10-12'")
-        for p in probs:
-            if not 0.0 < p <= 1.0:
-                raise RaptrError(f"keep probability {p:g} is outside (0, 1]: every stage must run some layers and at most all")
-        if any(b < a for a, b in zip(probs, probs[1:])):
-            raise RaptrError(f"schedule {self._describe(path_lengths, probs)} decreases: RaPTr paths must grow (or stay) stage by stage")
-        if require_full_final and probs[-1] < 1.0:
-            raise RaptrError(
-                f"the last stage keeps p={probs[-1]:g}, not the full model: end the schedule at {num_layers} layers, "
-                "or set require_full_final=false (config key method.raptr.require_full_final=false) if that is intended"
-            )
-        # Optional full-model warm-up stage (UL2's strong configuration): steps, or a fraction if < 1.
-        warm = int(round(full_warmup * total_steps)) if 0 < full_warmup < 1 else int(full_warmup)
-        if warm < 0 or warm >= total_steps:
-            raise RaptrError(f"full_warmup={full_warmup} must be >= 0 and shorter than total_steps={total_steps}")
-        lengths = parse_stage_lengths(stage_lengths, len(probs), total_steps - warm)
-        if warm:
-            probs = [1.0] + probs
-            lengths = [warm] + lengths
-            if path_lengths is not None:
-                path_lengths = [float(num_layers)] + list(path_lengths)
+        self.spans = Stages(keep_probs, total_steps, stage_lengths, full_warmup, require_full_final,
+                            shown=self._describe(path_lengths, [float(p) for p in keep_probs]),
+                            full_hint=f"end the schedule at {num_layers} layers, or set require_full_final=false "
+                                      "(config key method.raptr.require_full_final=false) if that is intended")
         free = num_layers - len(self.fixed)
-        stages, start = [], 0
-        for i, (p, n) in enumerate(zip(probs, lengths)):
-            stages.append(Stage(i, start, start + n, p, len(self.fixed) + p * free))
-            start += n
-        self.stages: tuple[Stage, ...] = tuple(stages)
-        self.full_warmup_steps = warm
+        self.stages: tuple[Stage, ...] = tuple(Stage(s.index, s.start, s.end, s.value, len(self.fixed) + s.value * free)
+                                               for s in self.spans.spans)
+        self.full_warmup_steps = self.spans.full_warmup_steps
 
     @staticmethod
     def _describe(path_lengths, probs) -> str:
@@ -239,10 +283,7 @@ class Schedule:
 
     # The schedule is a pure function of the step: nothing to save or restore.
     def stage_at(self, step: int) -> Stage:
-        for stage in self.stages:
-            if step < stage.end:
-                return stage
-        return self.stages[-1]  # training past total_steps keeps the last stage
+        return self.stages[self.spans.index_at(step)]
 
     def keep_prob(self, step: int) -> float:
         return self.stage_at(step).keep_prob
@@ -250,7 +291,7 @@ class Schedule:
     @property
     def boundaries(self) -> list[int]:
         """Steps at which a new stage starts (not counting step 0)."""
-        return [s.start for s in self.stages[1:]]
+        return self.spans.boundaries
 
     def relative_layer_flops(self) -> float:
         """Expected layer FLOPs of the whole schedule over a full-model run of equal steps."""

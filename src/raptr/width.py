@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raptr.core import (HEADS_STREAM, SCALINGS, UNITS_STREAM, RankAgreement, Schedule, branch_scale, parse_fixed,
+from raptr.core import (HEADS_STREAM, SCALINGS, UNITS_STREAM, RankAgreement, Stages, branch_scale, parse_fixed,
                         parse_numbers, step_generator)
 from raptr.errors import RaptrError
 from raptr.flops import LayerShape
@@ -73,14 +73,30 @@ def _supported() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class WidthSchedule(Schedule):
-    """Stages of kept width fractions, e.g. ``"0.5-0.75-1"``: RaPTr's depth schedule with the kept
-    fraction of heads (KV groups) and FFN units in place of the keep probability (``stage.keep_prob``)."""
+@dataclass(frozen=True)
+class WidthStage:
+    index: int
+    start: int  # first step of the stage
+    end: int  # one past its last step
+    fraction: float  # kept fraction of every sampled layer's heads (KV groups) and FFN units
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+
+class WidthSchedule:
+    """Stages of kept width fractions, e.g. ``"0.5-0.75-1"``: the stage machinery of RaPTr's depth
+    schedule (``core.Stages``: lengths, full-model warm-up, growth to the full model) with the kept
+    fraction of heads and FFN units as each stage's value. Needs no layer count."""
 
     def __init__(self, fractions: Sequence[float], total_steps: int, stage_lengths: str | Sequence[float] = "equal",
                  full_warmup: float = 0, require_full_final: bool = True):
-        super().__init__(1, total_steps, fractions, stage_lengths, fixed=None, full_warmup=full_warmup,
-                         require_full_final=require_full_final)
+        self.spans = Stages(fractions, total_steps, stage_lengths, full_warmup, require_full_final, what="kept fraction",
+                            full_hint="end the width schedule at 1 (e.g. '0.5-0.75-1'), or set require_full_final=false "
+                                      "if that is intended", example="0.5-0.75-1")
+        self.stages: tuple[WidthStage, ...] = tuple(WidthStage(s.index, s.start, s.end, s.value) for s in self.spans.spans)
+        self.total_steps, self.full_warmup_steps = total_steps, self.spans.full_warmup_steps
 
     @classmethod
     def parse(cls, spec: str | Sequence[float], total_steps: int, **kwargs: Any) -> "WidthSchedule":
@@ -89,8 +105,18 @@ class WidthSchedule(Schedule):
         body = spec.strip().replace(" ", "")
         return cls(parse_numbers(body, spec, "write kept fractions per stage like '0.5-0.75-1'", "width schedule"), total_steps, **kwargs)
 
+    def stage_at(self, step: int) -> WidthStage:
+        return self.stages[self.spans.index_at(step)]
+
     def fraction(self, step: int) -> float:
-        return self.keep_prob(step)
+        return self.stage_at(step).fraction
+
+    @property
+    def boundaries(self) -> list[int]:
+        return self.spans.boundaries
+
+    def __repr__(self) -> str:
+        return "WidthSchedule(" + ", ".join(f"[{s.start},{s.end}) f={s.fraction:g}" for s in self.stages) + ")"
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,7 +395,7 @@ class WidthRaPTr:
 
     def _check_fractions(self) -> None:
         for stage in self.schedule.stages:
-            f = stage.keep_prob
+            f = stage.fraction
             if f >= 1.0:
                 continue
             for i, wl in enumerate(self.layers):
@@ -390,7 +416,7 @@ class WidthRaPTr:
     def plan(self, step: int) -> WidthPlan:
         """The subnetwork of ``step`` (pure: depends on seed and step only; touches nothing)."""
         stage = self.schedule.stage_at(step)
-        f = stage.keep_prob
+        f = stage.fraction
         gen_h = step_generator(self.seed, step, HEADS_STREAM)
         gen_u = step_generator(self.seed, step, UNITS_STREAM)
         heads, kv, units, nh, nkv, nu, hs, us = [], [], [], [], [], [], [], []
@@ -459,7 +485,7 @@ class WidthRaPTr:
             return self.layer_flops(step, T) / full
         total = 0.0
         for stage in self.schedule.stages:
-            total += stage.steps * self.expected_layer_flops(stage.keep_prob, T)
+            total += stage.steps * self.expected_layer_flops(stage.fraction, T)
         return total / (self.schedule.total_steps * full)
 
     def expected_layer_flops(self, fraction: float, seq_len: int | None = None) -> float:
@@ -519,10 +545,10 @@ class WidthRaPTr:
     def state_dict(self) -> dict:
         return {"seed": self.seed, "scaling": self.scaling, "heads": self.heads, "ffn": self.ffn,
                 "fixed": list(self.fixed), "num_layers": len(self.layers),
-                "stages": [(s.start, s.end, s.keep_prob) for s in self.schedule.stages]}
+                "stages": [(s.start, s.end, s.fraction) for s in self.schedule.stages]}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = [(s.start, s.end, s.keep_prob) for s in self.schedule.stages]
+        mine = [(s.start, s.end, s.fraction) for s in self.schedule.stages]
         if state["num_layers"] != len(self.layers) or [tuple(x) for x in state["stages"]] != mine:
             raise RaptrError("checkpoint was written with a different width schedule or model: resume with the same "
                              "schedule, total steps and number of layers")

@@ -39,9 +39,7 @@ class WidthOptions:
     def check(self, num_layers: int | None = None, total_steps: int | None = None) -> None:
         if not (self.heads or self.ffn):
             raise RaptrError("method.width.heads and method.width.ffn are both false, so nothing is sampled: enable one")
-        schedule = self.build(total_steps or 1000)
-        if any(not 0 < s.keep_prob <= 1 for s in schedule.stages):
-            raise RaptrError(f"width schedule {self.schedule!r} has a fraction outside (0, 1]: write fractions like '0.5-0.75-1'")
+        self.build(total_steps or 1000)  # refuses fractions outside (0, 1], decreasing or not ending at 1
 
     def build(self, total_steps: int) -> WidthSchedule:
         return WidthSchedule.parse(self.schedule, total_steps, stage_lengths=self.stage_lengths, full_warmup=self.full_warmup)
@@ -159,7 +157,7 @@ class DepthWidth(Method):
         """Σ_stages steps · (E[path length] / L) · E[width share] / T (path and width are independent)."""
         depth, width, T = self.raptr.schedule, self.width, self.context.seq_len
         full = width.full_layer_flops(T)
-        total = sum(d.steps * d.path_length / len(self.layers) * width.expected_layer_flops(w.keep_prob, T) / full
+        total = sum(d.steps * d.path_length / len(self.layers) * width.expected_layer_flops(w.fraction, T) / full
                     for d, w in zip(depth.stages, width.schedule.stages))
         return total / depth.total_steps
 
