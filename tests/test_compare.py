@@ -108,6 +108,9 @@ def test_suite_in_pieces_runs_only_what_is_missing(tmp_path, data_cache):
     first = (root / "runs/raptr/summary.json").stat().st_mtime
     with pytest.raises(RaptrError, match="baseline arm 'standard' has no finished run"):
         make_report(root)
+    # the FLOP-matched arm alone, its target outside --only but finished on disk
+    run_compare(cfg, tmp_path, progress=False, only=["standard-equiflop"], seeds=[0])
+    assert sorted(d.name for d in (root / "runs").iterdir()) == ["raptr", "standard-equiflop"]
     run_compare(cfg, tmp_path, progress=False, workers=2)  # the rest, two at a time
     runs = {d.name: json.loads((d / "summary.json").read_text()) for d in (root / "runs").iterdir()}
     assert set(runs) == {"standard", "standard-seed1", "raptr", "raptr-seed1", "standard-equiflop", "standard-equiflop-seed1"}

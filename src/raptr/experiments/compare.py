@@ -220,6 +220,14 @@ def run_compare(cfg: CompareConfig, results_dir: str | Path = "results", progres
         (root / "data.json").write_text(json.dumps(info, indent=2))
 
     summaries: dict[str, dict] = {}
+    # A FLOP-matched run whose target is outside --only/--seeds may still use it if it finished.
+    targets = {r.match_label for r in planned if r.match_label} - {r.label for r in planned}
+    for r in plan_runs(cfg, root, None, None):
+        if r.label in targets:
+            target = load_config(cfg.base, r.overrides)
+            done = finished_summary(target.out_dir)
+            if done is not None and done.get("total_steps") == target.train.steps:
+                summaries[r.label] = done
     todo: list[PlannedRun] = []
     for r in planned:  # matched runs after their targets, so the expected step count is known
         expected = _expected_steps(r, configs, summaries)
