@@ -225,10 +225,11 @@ def test_wrapping_twice_is_refused():
         raptr.wrap(model, schedule="p:0.5-1", total_steps=10)
 
 
-WIDTH_FAMILIES = ["bert", "roberta", "xlm-roberta", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
+WIDTH_FAMILIES = ["bert", "roberta", "xlm-roberta", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
+                  "phi3", "gpt2"]
 
 
-@pytest.mark.parametrize("name", ["olmo2", "phi3", "gpt2", "falcon"])
+@pytest.mark.parametrize("name", ["olmo2", "falcon"])
 def test_width_refuses_families_whose_heads_cannot_be_sliced(name):
     from raptr.width import WidthRaPTr
 
@@ -260,12 +261,26 @@ def test_width_subnetworks_on_each_supported_family(name):
     handle = first.head_out[0].register_forward_hook(lambda m, a, o: widths.append(o.shape[-1]))
     loss = model(**inputs).loss
     handle.remove()
-    assert widths == [plan.num_heads[0] * first.head_dim] and torch.isfinite(loss)
+    kv = plan.num_kv_heads[0] if first.fused_heads else 0  # a fused q|k|v projection also yields the kept k, v
+    assert widths == [(plan.num_heads[0] + 2 * kv) * first.head_dim] and torch.isfinite(loss)
+    # The sliced forward is the full model with the dropped heads' and units' consumer columns zeroed.
+    zeroed = copy.deepcopy(plain)
+    names = {m: n for n, m in model.named_modules()}
+    with torch.no_grad():
+        for wl in wr.layers:
+            for lin in (wl.head_in, wl.unit_in):
+                (param, dim), = lin.width_params()
+                drop = torch.ones(param.shape[dim], dtype=torch.bool)
+                drop[lin._width_idx] = False
+                zeroed.get_submodule(names[lin]).weight.index_fill_(dim, drop.nonzero().squeeze(1), 0.0)
+    torch.testing.assert_close(loss, zeroed(**inputs).loss, rtol=1e-5, atol=1e-6)
     loss.backward()
-    q = first.head_out[0].weight.grad
-    idle = torch.ones(q.shape[0], dtype=torch.bool)
-    idle[first.head_out[0]._width_idx] = False
-    assert torch.count_nonzero(q[idle]) == 0 and torch.count_nonzero(q[~idle]) > 0
+    for lin in (first.head_out[0], first.unit_out[0]):  # idle rows: exactly zero gradient
+        (param, dim), *_ = lin.width_params()
+        grad = param.grad.movedim(dim, 0)
+        idle = torch.ones(grad.shape[0], dtype=torch.bool)
+        idle[lin._width_idx] = False
+        assert torch.count_nonzero(grad[idle]) == 0 and torch.count_nonzero(grad[~idle]) > 0
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(**inputs)

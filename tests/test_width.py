@@ -491,9 +491,35 @@ def test_width_and_depth_schedules_share_stage_machinery():
         assert depth.boundaries == width.boundaries and depth.full_warmup_steps == width.full_warmup_steps
 
 
+def test_freeze_idle_on_transposed_conv1d_weights():
+    """GPT-2's Conv1D stores weights (in, out): idle output units are columns of c_fc, idle input units rows of c_proj."""
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=D, n_layer=1, n_head=H, vocab_size=50, n_positions=16, n_inner=FF,
+                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    mlp = gpt2.transformer.h[0].mlp
+    opt = torch.optim.AdamW(gpt2.parameters(), lr=0.1, weight_decay=0.1)
+    wr = WidthRaPTr(gpt2, "0.5-1", total_steps=10)
+    ids = torch.randint(0, 50, (B, 16))
+    for step in range(2):
+        plan = wr.step(step)
+        fc, proj = mlp.c_fc.weight.detach().clone(), mlp.c_proj.weight.detach().clone()
+        m = opt.state[mlp.c_fc.weight]["exp_avg"].clone() if opt.state else torch.zeros_like(fc)
+        gpt2(input_ids=ids, labels=ids).loss.backward()
+        with wr.freeze_idle(opt):
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        idle = torch.ones(FF, dtype=torch.bool)
+        idle[plan.units[0]] = False
+        assert torch.equal(mlp.c_fc.weight[:, idle], fc[:, idle]) and torch.equal(mlp.c_proj.weight[idle], proj[idle])
+        assert not torch.equal(mlp.c_fc.weight[:, ~idle], fc[:, ~idle])
+        assert torch.equal(opt.state[mlp.c_fc.weight]["exp_avg"][:, idle], m[:, idle])  # moments too
+
+
 def test_unsupported_layers_and_options_are_one_clear_line():
-    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=D, n_layer=1, n_head=H, vocab_size=50, n_positions=16))
-    with pytest.raises(RaptrError, match="don't support GPT2Block layers: supported are raptr's reference Block and BertLayer"):
+    falcon = tf.FalconForCausalLM(tf.FalconConfig(hidden_size=D, num_hidden_layers=1, num_attention_heads=H, vocab_size=50))
+    with pytest.raises(RaptrError, match="don't support FalconDecoderLayer layers: supported are raptr's reference Block and BertLayer"):
+        WidthRaPTr(falcon, "0.5-1", total_steps=10)
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=D, n_layer=1, n_head=H, vocab_size=50, n_positions=16, add_cross_attention=True))
+    with pytest.raises(RaptrError, match="GPT2Block with crossattention is not supported"):
         WidthRaPTr(gpt2, "0.5-1", total_steps=10)
     with pytest.raises(RaptrError, match="don't support Linear"):
         WidthRaPTr(nn.ModuleList([nn.Linear(4, 4)]), "0.5-1", total_steps=10)

@@ -180,3 +180,37 @@ def test_width_methods_under_lightning(name, sequences, tmp_path):
     cb2, _, again = run(tmp_path / "again", ckpt=str(tmp_path / "full" / "ckpt" / "epoch=0-step=6.ckpt"))
     assert [again[s] for s in range(6, STEPS)] == planned[6:]
     assert cb2.total_flos == cb.total_flos
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3"])
+def test_width_under_the_hf_trainer_on_fused_projections(family, sequences, tmp_path):
+    """GPT-2 (Conv1D, fused c_attn) and Phi3 (fused qkv_proj, gate_up_proj) under the HF Trainer: the
+    fused projections really compute the kept rows only, the loss falls, FLOPs follow what ran."""
+    pytest.importorskip("accelerate")
+    import transformers as tf
+    from transformers import TrainingArguments
+
+    from raptr.integrations import MethodCallback, RaptrTrainer
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=L, n_head=4, n_inner=64, vocab_size=1024, n_positions=T))
+        qkv = [layer.attn.c_attn for layer in model.transformer.h]
+    else:
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(hidden_size=32, num_hidden_layers=L, num_attention_heads=4,
+                                                 num_key_value_heads=2, intermediate_size=64, vocab_size=1024,
+                                                 max_position_embeddings=T, pad_token_id=0))
+        qkv = [layer.self_attn.qkv_proj for layer in model.model.layers]
+    widths = []
+    qkv[0].register_forward_hook(lambda m, a, o: torch.is_grad_enabled() and widths.append(o.shape[-1]))
+    callback = MethodCallback("width", seed=1, schedule="0.5-1")
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=B, use_cpu=True,
+                             report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, learning_rate=3e-3)
+    data = [{"input_ids": s, "labels": s.clone()} for s in sequences]
+    trainer = RaptrTrainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+    full = qkv[0].weight.shape[1 if family == "gpt2" else 0]
+    assert all(w < full for w in widths[: STEPS // 2]) and all(w == full for w in widths[STEPS // 2:])
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert trainer.state.total_flos < 6 * B * T * model.num_parameters(exclude_embeddings=True) * STEPS

@@ -44,11 +44,12 @@ How (see docs/width.md for the choices and why):
 
 Supported layers: raptr's reference ``Block`` and the HF layer classes listed as data in
 ``raptr.models.registry.WIDTH_LAYERS`` (BERT, RoBERTa, XLM-R self-attention; Llama, Mistral, Qwen2,
-Qwen3, Gemma, Gemma2, Gemma3).
+Qwen3, Gemma, Gemma2, Gemma3; Phi3 and GPT-2 with fused projections, GPT-2's as ``Conv1D``).
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -125,36 +126,57 @@ class WidthSchedule:
 
 
 class WidthLinear:
-    """Mixin put in front of an ``nn.Linear``'s class: computes with a slice of its weight.
+    """Mixin put in front of an ``nn.Linear``'s (or transformers ``Conv1D``'s) class: computes with a
+    slice of its weight.
 
     ``_width_dim`` 0: only the output features ``_width_idx`` (rows of W and bias entries);
     ``_width_dim`` 1: only the input features ``_width_idx`` (columns of W), the kept
     contribution scaled by ``_width_scale``, the bias added in full. ``None`` or eval mode: the
-    plain ``nn.Linear`` forward.
+    module's own forward. ``_transposed``: the weight is stored (in, out), as ``Conv1D`` does; the
+    slice is taken from its transposed view, so both compute ``F.linear`` on the kept part only.
     """
 
     _width_idx: torch.Tensor | None = None
     _width_dim: int = 0
     _width_scale: float = 1.0
+    _transposed: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx = self._width_idx
         if idx is None or not self.training:
             return super().forward(x)
+        w = self.weight.t() if self._transposed else self.weight  # (out, in)
         if self._width_dim == 0:
             bias = None if self.bias is None else self.bias.index_select(0, idx)
-            return F.linear(x, self.weight.index_select(0, idx), bias)
-        weight = self.weight.index_select(1, idx)
+            return F.linear(x, w.index_select(0, idx), bias)
+        weight = w.index_select(1, idx)
         if self._width_scale != 1.0:
             weight = weight * self._width_scale  # a d×k tensor: cheaper than scaling activations
         return F.linear(x, weight, self.bias)
 
     def width_params(self) -> list[tuple[nn.Parameter, int]]:
         """(parameter, sliced dim) pairs: what ``_width_idx`` indexes."""
-        out = [(self.weight, self._width_dim)]
+        out = [(self.weight, 1 - self._width_dim if self._transposed else self._width_dim)]
         if self._width_dim == 0 and self.bias is not None:
             out.append((self.bias, 0))
         return out
+
+
+def _features(lin: nn.Module) -> tuple[int, int]:
+    """(in, out) features of an nn.Linear or a transformers Conv1D (weight stored (in, out))."""
+    if isinstance(lin, nn.Linear):
+        return lin.in_features, lin.out_features
+    return lin.nx, lin.nf
+
+
+def _plain(lin: nn.Module, conv1d: bool) -> bool:
+    """Is ``lin`` a plain linear of the kind the spec names (not quantized, not LoRA-wrapped)?"""
+    forward = type(lin).forward
+    if forward is WidthLinear.forward:
+        forward = next(c.forward for c in type(lin).__mro__[1:] if c is not WidthLinear and "forward" in c.__dict__)
+    if conv1d:
+        return any(c.__name__ == "Conv1D" and c.__dict__.get("forward") is forward for c in type(lin).__mro__)
+    return isinstance(lin, nn.Linear) and forward is nn.Linear.forward
 
 
 class WidthBlock:
@@ -181,6 +203,12 @@ def _swapped(cls: type, mixin: type) -> type:
     return _CLASSES[key]
 
 
+def _resolve(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _expand(groups: torch.Tensor, size: int) -> torch.Tensor:
     """Indices of the ``size`` consecutive entries of each group: [g*size, (g+1)*size)."""
     return (groups[:, None] * size + torch.arange(size)).reshape(-1)
@@ -195,6 +223,10 @@ class WidthLayer:
         self.layer = layer
         name = type(layer).__name__
         self.original_classes: dict[nn.Module, type] = {}
+        self.follow: list[tuple[Any, str, str, Any]] = []  # (owner, attribute, what it counts, full value)
+        self.restore: list[tuple[Any, str, Any]] = []  # private config copies to put back on unwrap
+        self.hooks: list = []
+        conv1d = False
         if isinstance(layer, Block):
             self.kind = "reference"
             d = layer.qkv.in_features
@@ -202,7 +234,7 @@ class WidthLayer:
             self.head_dim = d // layer.n_heads
             self.head_out, self.head_in = [layer.qkv], layer.proj
             self.unit_out, self.unit_in = [layer.fc1], layer.fc2
-            self.gated = False
+            self.gated, self.fused_heads, self.fused_units = False, True, False
         else:  # per-architecture knowledge is data: raptr.models.registry.WIDTH_LAYERS
             from raptr.models.registry import width_spec
 
@@ -214,30 +246,60 @@ class WidthLayer:
                     raise RaptrError(f"{name} with {attr} is not supported by width subnetworks: "
                                      "use an encoder (add_cross_attention=False)")
             get = layer.get_submodule
-            self.kind = "hf"
-            head_dim = layer
-            for part in spec.head_dim.split("."):
-                head_dim = getattr(head_dim, part)
-            self.head_dim = int(head_dim)
+            self.kind, conv1d = "hf", spec.conv1d
+            self.head_dim = int(_resolve(layer, spec.head_dim))
             self.head_out, self.head_in = [get(p) for p in spec.head_out], get(spec.head_in)
             self.unit_out, self.unit_in = [get(p) for p in spec.unit_out], get(spec.unit_in)
-            self.n_heads = self.head_out[0].out_features // self.head_dim
-            self.n_kv = self.head_out[1].out_features // self.head_dim
+            self.fused_heads, self.fused_units = len(self.head_out) == 1, spec.fused_units
+            if self.fused_heads:  # one projection, rows [q | k | v]: head counts from the layer
+                self.n_heads = int(_resolve(layer, spec.n_heads))
+                self.n_kv = int(_resolve(layer, spec.n_kv_heads or spec.n_heads))
+            else:
+                self.n_heads = _features(self.head_out[0])[1] // self.head_dim
+                self.n_kv = _features(self.head_out[1])[1] // self.head_dim
             self.gated = spec.gated
-        self.d_model = self.head_in.out_features
-        self.d_ff = self.unit_in.in_features
+            for path, what in spec.follow:
+                self._follow(layer, path, what)
+        self.d_model = _features(self.head_in)[1]
+        self.d_ff = _features(self.unit_in)[0]
         self.n_rep = self.n_heads // self.n_kv  # query heads per KV group (1 without GQA)
-        linears = self.head_out + [self.head_in] + self.unit_out + [self.unit_in]
-        for lin in linears:
-            if not isinstance(lin, nn.Linear) or type(lin).forward not in (nn.Linear.forward, WidthLinear.forward):
-                raise RaptrError(f"{name}.{type(lin).__name__} is not a plain nn.Linear (quantized, LoRA?): "
-                                 "width subnetworks slice plain nn.Linear weights only")
+        for lin in self.linears():
+            if not _plain(lin, conv1d):
+                kind = "transformers Conv1D" if conv1d else "nn.Linear"
+                raise RaptrError(f"{name}.{type(lin).__name__} is not a plain {kind} (quantized, LoRA?): "
+                                 f"width subnetworks slice plain {kind} weights only")
         for lin in self.head_out + self.unit_out:
-            self._swap(lin, WidthLinear)._set(lin, dim=0)
+            self._swap(lin, WidthLinear)._set(lin, dim=0, transposed=conv1d)
         for lin in (self.head_in, self.unit_in):
-            self._swap(lin, WidthLinear)._set(lin, dim=1)
+            self._swap(lin, WidthLinear)._set(lin, dim=1, transposed=conv1d)
         if self.kind == "reference":
             self._swap(layer, WidthBlock)
+        self._kept = {"heads": self.n_heads, "kv_heads": self.n_kv, "q_width": self.n_heads * self.head_dim}
+
+    def _follow(self, layer: nn.Module, path: str, what: str) -> None:
+        """Attribute ``path`` (e.g. ``self_attn.num_key_value_heads``) counts ``what`` of the kept
+        heads during sliced forwards: a pre-hook on the module owning it sets it every call (full in
+        eval mode). A config on the way gets a private shallow copy, so other layers keep theirs."""
+        *parts, attr = path.split(".")
+        obj, module = layer, layer
+        for part in parts:
+            child = getattr(obj, part)
+            if not isinstance(child, nn.Module):
+                private = copy.copy(child)
+                self.restore.append((obj, part, child))
+                setattr(obj, part, private)
+                child = private
+            else:
+                module = child
+            obj = child
+        self.follow.append((obj, attr, what, getattr(obj, attr)))
+        if not any(h[0] is module for h in self.hooks):
+            self.hooks.append((module, module.register_forward_pre_hook(self._set_counts)))
+
+    def _set_counts(self, module: nn.Module, args: Any) -> None:
+        sliced = module.training and self.head_in._width_idx is not None
+        for owner, attr, what, full in self.follow:
+            setattr(owner, attr, self._kept[what] if sliced else full)
 
     def _swap(self, module: nn.Module, mixin: type) -> "WidthLayer":
         self.original_classes.setdefault(module, type(module))
@@ -245,8 +307,8 @@ class WidthLayer:
         return self
 
     @staticmethod
-    def _set(lin: nn.Module, dim: int) -> None:
-        lin._width_dim, lin._width_idx, lin._width_scale = dim, None, 1.0
+    def _set(lin: nn.Module, dim: int, transposed: bool) -> None:
+        lin._width_dim, lin._width_idx, lin._width_scale, lin._transposed = dim, None, 1.0, transposed
 
     @property
     def shape(self) -> LayerShape:
@@ -269,12 +331,13 @@ class WidthLayer:
             return
         hd, device = self.head_dim, self.head_in.weight.device
         q_rows = _expand(_expand(groups, self.n_rep), hd)  # query heads of the kept groups, then their rows
-        if self.kind == "reference":
-            d = self.d_model
-            out = [torch.cat([q_rows, q_rows + d, q_rows + 2 * d])]
+        kv_rows = _expand(groups, hd)
+        if self.fused_heads:  # rows [q | k | v] of one projection
+            q_end, k_end = self.n_heads * hd, (self.n_heads + self.n_kv) * hd
+            out = [torch.cat([q_rows, kv_rows + q_end, kv_rows + k_end])]
         else:
-            kv_rows = _expand(groups, hd)
             out = [q_rows, kv_rows, kv_rows]
+        self._kept = {"heads": len(groups) * self.n_rep, "kv_heads": len(groups), "q_width": len(groups) * self.n_rep * hd}
         pieces = torch.cat(out + [q_rows]).to(device).split([len(t) for t in out] + [len(q_rows)])
         for lin, idx in zip(self.head_out, pieces[:-1]):
             lin._width_idx = idx
@@ -283,16 +346,23 @@ class WidthLayer:
     def set_units(self, units: torch.Tensor | None, scale: float = 1.0) -> None:
         """Keep FFN hidden units ``units`` (sorted), or all if ``None``."""
         idx = None if units is None else units.to(self.unit_in.weight.device)
+        rows = idx if idx is None or not self.fused_units else torch.cat([idx, idx + self.d_ff])  # [gate | up]
         for lin in self.unit_out:
-            lin._width_idx = idx
+            lin._width_idx = rows
         self.unit_in._width_idx, self.unit_in._width_scale = idx, (1.0 if units is None else float(scale))
 
     def unwrap(self) -> None:
         for module, cls in self.original_classes.items():
-            for attr in ("_width_idx", "_width_dim", "_width_scale"):
+            for attr in ("_width_idx", "_width_dim", "_width_scale", "_transposed"):
                 module.__dict__.pop(attr, None)
             module.__class__ = cls
-        self.original_classes = {}
+        for owner, attr, _, full in self.follow:
+            setattr(owner, attr, full)
+        for _, handle in self.hooks:
+            handle.remove()
+        for obj, part, original in reversed(self.restore):
+            setattr(obj, part, original)
+        self.original_classes, self.follow, self.hooks, self.restore = {}, [], [], []
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,10 +93,16 @@ REGISTRY: dict[str, StackSpec] = {
 class WidthSpec:
     """Where a layer class keeps the linears width subnetworks slice (attribute paths inside the layer).
 
-    ``head_out``: the projections producing heads (q, k, v; the first is the queries), ``head_in``
-    the one consuming them; ``unit_out`` the FFN projections producing hidden units, ``unit_in`` the
-    one consuming them; ``head_dim``: the attribute holding the head size; ``absent``: attributes
-    that must be None (e.g. BERT's cross-attention, which width does not slice)."""
+    ``head_out``: the projections producing heads (q, k, v; the first is the queries), or one fused
+    projection with rows [q | k | v]; ``head_in`` the one consuming them; ``unit_out`` the FFN
+    projections producing hidden units (``fused_units``: one projection with rows [gate | up]),
+    ``unit_in`` the one consuming them; ``head_dim``: the attribute holding the head size;
+    ``n_heads``/``n_kv_heads``: those holding the head counts (needed when q, k, v are fused);
+    ``follow``: attributes the layer's own forward reads to split or reshape heads, with what they
+    count of the kept heads (``heads``, ``kv_heads``, or ``q_width`` = heads × head_dim), set on
+    every sliced forward; ``conv1d``: the linears are transformers ``Conv1D`` (weight stored
+    (in, out)); ``absent``: attributes that must be None (e.g. cross-attention, which width does
+    not slice)."""
 
     head_out: tuple[str, ...]
     head_in: str
@@ -105,6 +111,11 @@ class WidthSpec:
     head_dim: str
     gated: bool = False
     absent: tuple[str, ...] = ()
+    fused_units: bool = False
+    n_heads: str | None = None
+    n_kv_heads: str | None = None
+    follow: tuple[tuple[str, str], ...] = ()
+    conv1d: bool = False
 
 
 _BERT_WIDTH = WidthSpec(("attention.self.query", "attention.self.key", "attention.self.value"), "attention.output.dense",
@@ -112,14 +123,24 @@ _BERT_WIDTH = WidthSpec(("attention.self.query", "attention.self.key", "attentio
                         absent=("crossattention",))
 _LLAMA_WIDTH = WidthSpec(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj",
                          ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "self_attn.head_dim", gated=True)
+# Phi3: fused qkv_proj and gate_up_proj; its attention splits q|k|v at config.num_attention_heads·head_dim.
+_PHI3_WIDTH = WidthSpec(("self_attn.qkv_proj",), "self_attn.o_proj", ("mlp.gate_up_proj",), "mlp.down_proj",
+                        "self_attn.head_dim", gated=True, fused_units=True, n_heads="self_attn.config.num_attention_heads",
+                        n_kv_heads="self_attn.num_key_value_heads",
+                        follow=(("self_attn.config.num_attention_heads", "heads"), ("self_attn.num_key_value_heads", "kv_heads")))
+# GPT-2: Conv1D linears, fused c_attn split into q, k, v at split_size.
+_GPT2_WIDTH = WidthSpec(("attn.c_attn",), "attn.c_proj", ("mlp.c_fc",), "mlp.c_proj", "attn.head_dim",
+                        n_heads="attn.num_heads", follow=(("attn.split_size", "q_width"),), conv1d=True,
+                        absent=("crossattention",))
 
 # Width subnetworks, per layer class (by name, so no transformers import is needed here).
 WIDTH_LAYERS: dict[str, WidthSpec] = {
     **{name: _BERT_WIDTH for name in ("BertLayer", "RobertaLayer", "XLMRobertaLayer")},
     **{name: _LLAMA_WIDTH for name in ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
                                         "GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer")},
+    "Phi3DecoderLayer": _PHI3_WIDTH,
+    "GPT2Block": _GPT2_WIDTH,
     # Not OLMo2: its q/k norms span the whole projection width, so heads cannot be sliced out of them.
-    # Not Phi3 (fused qkv_proj / gate_up_proj) or GPT-2 (Conv1D, fused c_attn): refused with one line.
 }
 
 
