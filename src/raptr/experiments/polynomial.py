@@ -325,11 +325,6 @@ def validate(cfg: PolynomialConfig) -> None:
     raptr_schedule(cfg)  # schedule mistakes surface now
 
 
-def run(out_dir: str | Path, preset: str = "cpu", progress: bool = True, **overrides: Any) -> Path:
-    """``run_config(make_config(preset, **overrides), out_dir)``."""
-    return run_config(make_config(preset, **overrides), out_dir, progress, preset)
-
-
 def run_config(cfg: PolynomialConfig, out_dir: str | Path, progress: bool = True, preset: str = "custom") -> Path:
     """Train every method × seed, write ``report.md``, ``results.json`` and the plots; return the report."""
     validate(cfg)

@@ -382,11 +382,6 @@ def validate(cfg: StabilityConfig) -> None:
         raise RaptrError(f"tf_d_model={cfg.tf_d_model} is not divisible by tf_heads={cfg.tf_heads}: pick a head count that divides it")
 
 
-def run(out_dir: str | Path, preset: str = "cpu", progress: bool = True, **overrides: Any) -> Path:
-    """``run_config(make_config(preset, **overrides), out_dir)``."""
-    return run_config(make_config(preset, **overrides), out_dir, progress, preset)
-
-
 def run_config(cfg: StabilityConfig, out_dir: str | Path, progress: bool = True, preset: str = "custom") -> Path:
     """Measure (a) Ψ vs depth at init and (b) a trained run's transitions; write ``report.md`` and plots."""
     validate(cfg)
