@@ -8,6 +8,7 @@ import torch
 from raptr.errors import RaptrError
 from raptr.experiments import polynomial as P
 from raptr.experiments import stability as S
+from raptr.experiments.protocol import run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -134,7 +135,7 @@ def _check_outputs(out, report, names):
 
 
 def test_polynomial_tiny_preset_end_to_end(tmp_path):
-    report = P.run(tmp_path / "poly", "tiny", progress=False)
+    report = run("polynomial", tmp_path / "poly", preset="tiny", progress=False)
     _check_outputs(tmp_path / "poly", report, ["degree_error_vs_step.png", "mse_vs_step.png",
                                                "final_coefficients.png", "layers_per_step.png"])
     text = report.read_text()
@@ -143,7 +144,7 @@ def test_polynomial_tiny_preset_end_to_end(tmp_path):
 
 
 def test_stability_tiny_preset_end_to_end(tmp_path, data_cache):
-    report = S.run(tmp_path / "stab", "tiny", progress=False, cache_dir=data_cache)
+    report = run("stability", tmp_path / "stab", preset="tiny", overrides=[f"cache_dir={data_cache}"], progress=False)
     _check_outputs(tmp_path / "stab", report, ["psi_linear.png", "psi_transformer.png", "transitions.png"])
     text = report.read_text()
     assert "## (b) Loss at the stage transitions" in text and "| 6 | 0.50 → 1.00 |" in text
