@@ -148,3 +148,32 @@ def test_spent_budget_starts_nothing(tmp_path, data_cache, capsys):
     root = run_compare(cfg, tmp_path, progress=False, budget_minutes=1e-6)  # spent before the first run
     assert not (root / "runs").exists() or not any((root / "runs").iterdir())
     assert "not finished (run the same command again to continue)" in capsys.readouterr().out
+
+
+def test_reuse_copies_identical_runs_of_another_suite(tmp_path, data_cache):
+    """compare/schedules reuses compare/clm-tiny's standard and RaPTr runs: a run of an identical
+    config (but for its name and paths) is copied with its logs, not trained again; others train."""
+    over = TINY + ["train.steps=24", "train.eval_every=8", f"data.cache_dir={data_cache}"]
+    first = scaled(load_compare_config("compare/clm-tiny", over))
+    first.arms = [a for a in first.arms if a.name in ("standard", "raptr")]
+    first.seeds = [0]
+    run_compare(first, tmp_path, progress=False)
+    sched = scaled(load_compare_config("compare/schedules", over))
+    assert sched.reuse == ["clm-tiny"]
+    sched.arms = [a for a in sched.arms if a.name in ("standard", "6-8-10-12", "6-8-10-12-sqrt")]
+    sched.seeds = [0]
+    source = {n: (tmp_path / "clm-tiny/runs" / n / "summary.json").stat().st_mtime for n in ("standard", "raptr")}
+    root = run_compare(sched, tmp_path, progress=False)
+    runs = summaries_of(root)
+    assert runs["standard"]["reused_from"] == "clm-tiny/runs/standard"
+    assert runs["6-8-10-12"]["reused_from"] == "clm-tiny/runs/raptr"
+    assert "reused_from" not in runs["6-8-10-12-sqrt"]  # no identical run anywhere: trained
+    assert (root / "runs/6-8-10-12/metrics.jsonl").read_bytes() == (tmp_path / "clm-tiny/runs/raptr/metrics.jsonl").read_bytes()
+    assert source == {n: (tmp_path / "clm-tiny/runs" / n / "summary.json").stat().st_mtime for n in source}
+    assert not (root / "runs/standard/checkpoints").exists()
+    # the copies are what training would give: the same config trained here reproduces the logged losses
+    again = build_trainer(load_config(first.base, first.overrides + ["method.name=raptr", "method.raptr.schedule=3-4-5-6",
+                                                                      "train.seed=0", "train.path_seed=0",
+                                                                      f"train.out_dir={tmp_path}/again"]), progress=False).fit()
+    assert again["final_val_loss"] == runs["6-8-10-12"]["final_val_loss"]
+    make_report(root)

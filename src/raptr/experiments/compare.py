@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,8 @@ from tqdm.auto import tqdm
 
 from raptr.errors import RaptrError
 from raptr.training.build import build_trainer, prepare_data, tokenizer_kind
-from raptr.training.config import from_dict, load_config, load_yaml, resolve_config_path
+from raptr.training.config import RunConfig, flatten, from_dict, load_config, load_yaml, resolve_config_path, to_dict
+from raptr.training.runfiles import write_json_atomic
 
 console = Console()
 
@@ -50,6 +52,7 @@ class CompareConfig:
     baseline: str = "baseline"  # standard training: FLOPs ratios and time-to-target are taken against it
     references: list[str] = field(default_factory=list)  # arms every arm is compared with (paired); default [baseline]
     arms: list[Arm] = field(default_factory=list)
+    reuse: list[str] = field(default_factory=list)  # other comparisons (same results root) whose finished runs of an identical config are copied, not retrained
 
 
 @dataclass
@@ -166,6 +169,41 @@ def last_step(run_dir: Path) -> int:
     return 0
 
 
+_NOT_NUMERICS = ("name", "train.out_dir", "data.cache_dir")  # config keys that do not change what a run computes
+
+
+def _numerics(cfg: RunConfig) -> dict:
+    flat = flatten(to_dict(cfg))
+    return {k: v for k, v in flat.items() if k not in _NOT_NUMERICS}
+
+
+def reuse_finished(cfg: RunConfig, results_dir: Path, suites: list[str]) -> dict | None:
+    """Copy into ``cfg.out_dir`` the logs of a finished run of another comparison whose config is
+    identical but for its name and paths (runs are deterministic: training it again would give the
+    same numbers); return its summary (``reused_from`` names the source), or None."""
+    want = _numerics(cfg)
+    for suite in suites:
+        runs = results_dir / suite / "runs"
+        for run in sorted(runs.iterdir()) if runs.is_dir() else []:
+            done = finished_summary(run)
+            if done is None or done.get("total_steps") != cfg.train.steps:
+                continue
+            try:
+                theirs = from_dict(RunConfig, json.loads((run / "config.json").read_text()))
+            except (OSError, ValueError, RaptrError):
+                continue
+            if _numerics(theirs) != want:
+                continue
+            out = cfg.out_dir
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run / "metrics.jsonl", out / "metrics.jsonl")
+            write_json_atomic(out / "config.json", to_dict(cfg))
+            summary = {**done, "name": cfg.name, "reused_from": f"{suite}/runs/{run.name}"}
+            write_json_atomic(out / "summary.json", summary)
+            return summary
+    return None
+
+
 def unigram_plateau(data) -> dict:
     """Cross-entropy of the val tokens under the train split's token frequencies (add-½ smoothing).
 
@@ -232,6 +270,10 @@ def run_compare(cfg: CompareConfig, results_dir: str | Path = "results", progres
     for r in planned:  # matched runs after their targets, so the expected step count is known
         expected = _expected_steps(r, configs, summaries)
         done = finished_summary(configs[r.label].out_dir)
+        if done is None and cfg.reuse and not r.match_label:
+            done = reuse_finished(configs[r.label], Path(results_dir), cfg.reuse)
+            if done is not None:
+                console.print(f"  {r.label}: the same run as {done['reused_from']}, logs copied")
         if done is not None and expected is not None and done.get("total_steps") == expected:
             summaries[r.label] = done
         else:
