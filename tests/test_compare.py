@@ -177,3 +177,20 @@ def test_reuse_copies_identical_runs_of_another_suite(tmp_path, data_cache):
                                                                       f"train.out_dir={tmp_path}/again"]), progress=False).fit()
     assert again["final_val_loss"] == runs["6-8-10-12"]["final_val_loss"]
     make_report(root)
+    # a run of this suite already started in its directory resumes there; it is never overwritten
+    from raptr.experiments.compare import plan_runs, reuse_finished
+
+    started = next(r for r in plan_runs(sched, root) if r.label == "standard")
+    cfg = load_config(sched.base, started.overrides)
+    (cfg.out_dir / "summary.json").unlink()
+    assert reuse_finished(cfg, tmp_path, ["clm-tiny"]) is None
+    cfg.train.out_dir = str(tmp_path / "fresh")
+    assert reuse_finished(cfg, tmp_path, ["clm-tiny"])["reused_from"] == "clm-tiny/runs/standard"
+
+
+def test_chained_flop_matching_is_refused(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: c\nbase: clm-tiny-baseline\nbaseline: a\narms:\n  - {name: a, set: [method.name=raptr]}\n"
+                   "  - {name: b, match_flops_of: a}\n  - {name: c, match_flops_of: b}\n")
+    with pytest.raises(RaptrError, match="which itself matches another arm's"):
+        load_compare_config(str(cfg))

@@ -162,15 +162,21 @@ def test_evaluate_runs_causal_cloze(causal_run, mlm_run, tmp_path):
     text = md.read_text()
     want = P.paired_accuracy_difference(floor["tasks"]["cloze"]["correct"], same["tasks"]["cloze"]["correct"])
     assert "## Against `causal-std`" in text and f"{want[0]:+.3f} [{want[1]:+.3f}, {want[2]:+.3f}]" in text
-    assert "Not probed (no checkpoint here" in text and "other-seed1" in text
+    assert "Not probed" in text and "other-seed1" in text
+    assert same["tasks"]["cloze"]["examples"] == floor["tasks"]["cloze"]["examples"]  # the same items: paired
+    other = P.evaluate_run(mlm_run, tasks=("cloze",), max_examples=100, device="cpu")  # another tokenizer
+    assert other["tasks"]["cloze"]["examples"] != same["tasks"]["cloze"]["examples"]
+    text = P.write_probe_report([same, other], tmp_path / "unpaired", reference="causal-std").read_text()
+    assert "| mlm-raptr | " in text.split("## Against")[1] and " – |" in text.split("## Against")[1].split("## Tasks")[0]
+    assert "no probed run is named `nobody`" in P.write_probe_report([same], tmp_path / "x", reference="nobody").read_text()
 
 
 def test_paired_accuracy_difference_by_hand():
-    # a right on 1,2,3 of 4; b on 1 only: d = 0,1,1,0 -> mean 0.5, sd sqrt(1/3), half 1.96*sqrt(1/3)/2
-    m, lo, hi = P.paired_accuracy_difference("1110", "1000")
-    half = 1.959964 * (1 / 3) ** 0.5 / 2
-    assert m == 0.5 and lo == pytest.approx(0.5 - half) and hi == pytest.approx(0.5 + half)
-    assert P.paired_accuracy_difference("1111", "1111") == (0.0, 0.0, 0.0)
+    # a right on 1,2,3 of 4; b on 1 only: d = 0,1,1,0 -> mean 0.5, sd sqrt(1/3), half 1.96*sqrt(1/3)/2 + 1/4
+    m, lo, hi, discordant = P.paired_accuracy_difference("1110", "1000")
+    half = 1.959964 * (1 / 3) ** 0.5 / 2 + 0.25
+    assert m == 0.5 and lo == pytest.approx(0.5 - half) and hi == pytest.approx(0.5 + half) and discordant == 2
+    assert P.paired_accuracy_difference("1111", "1111") == (0.0, -0.25, 0.25, 0)
     assert P.paired_accuracy_difference("10", "101") is None  # not the same examples
 
 
@@ -222,7 +228,7 @@ def test_probes_experiment_probes_the_runs_with_weights_here(causal_run, tmp_pat
         shutil.copy(causal_run / name, logs_only / name)
     md = run("probes", tmp_path / "out", overrides=[f"runs={runs}", "tasks=cloze", "max_examples=60"], progress=False)
     text = md.read_text()
-    assert "| standard |" in text and "Not probed (no checkpoint here" in text and "standard-seed1" in text
+    assert "| standard |" in text and "standard-seed1 (no checkpoint here)" in text
     shutil.rmtree(runs / "standard")
     with pytest.raises(RaptrError, match="has a checkpoint here"):
         run("probes", tmp_path / "out2", overrides=[f"runs={runs}"], progress=False)

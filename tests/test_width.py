@@ -534,3 +534,26 @@ def test_unsupported_layers_and_options_are_one_clear_line():
         WidthRaPTr(nn.ModuleList([block]), "0.2-1", total_steps=10)
     assert type(block) is Block and type(block.qkv) is nn.Linear  # a failed wrap leaves the layers alone
     WidthRaPTr(nn.ModuleList([block]), "0.2-1", total_steps=10, heads=False)  # units only: fine
+
+
+def test_refused_fused_layer_leaves_the_model_as_it_was():
+    """Phi3 layer 1's o_proj is not a plain nn.Linear: the wrap is refused and nothing stays behind
+    (no hooks, no config views, no swapped classes), so the model trains as before."""
+    class Quantized(nn.Linear):
+        def forward(self, x):
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = tf.Phi3ForCausalLM(tf.Phi3Config(hidden_size=D, num_hidden_layers=2, num_attention_heads=H, num_key_value_heads=2,
+                                             intermediate_size=FF, vocab_size=50, max_position_embeddings=16, pad_token_id=0))
+    attn = model.model.layers[1].self_attn
+    quant = Quantized(attn.o_proj.in_features, attn.o_proj.out_features, bias=False)
+    quant.weight = attn.o_proj.weight
+    attn.o_proj = quant
+    ids = torch.randint(0, 50, (B, 16))
+    before = model(input_ids=ids, labels=ids).loss
+    with pytest.raises(RaptrError, match="Quantized is not a plain nn.Linear"):
+        WidthRaPTr(model, "0.5-1", total_steps=4)
+    assert all(not layer.self_attn._forward_pre_hooks and layer.self_attn.config is model.config for layer in model.model.layers)
+    assert not any(type(m).__name__.startswith("Width") for m in model.modules())
+    assert torch.equal(model(input_ids=ids, labels=ids).loss, before)

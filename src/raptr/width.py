@@ -214,6 +214,17 @@ def _expand(groups: torch.Tensor, size: int) -> torch.Tensor:
     return (groups[:, None] * size + torch.arange(size)).reshape(-1)
 
 
+class _ConfigView:
+    """A per-module stand-in for a shared (HF) config: reads go to the shared config, except the
+    attributes set on the view itself (the head counts a width-sliced attention must see)."""
+
+    def __init__(self, base: Any):
+        object.__setattr__(self, "_base", base)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_base"), name)
+
+
 class WidthLayer:
     """One layer's sliceable parts: which linears produce/consume heads and units, and its shape."""
 
@@ -224,14 +235,11 @@ class WidthLayer:
         name = type(layer).__name__
         self.original_classes: dict[nn.Module, type] = {}
         self.follow: list[tuple[Any, str, str, Any]] = []  # (owner, attribute, what it counts, full value)
-        self.restore: list[tuple[Any, str, Any]] = []  # private config copies to put back on unwrap
+        self.restore: list[tuple[Any, str, Any]] = []  # config views to take off again on unwrap
         self.hooks: list = []
-        conv1d = False
+        conv1d, spec = False, None
         if isinstance(layer, Block):
             self.kind = "reference"
-            d = layer.qkv.in_features
-            self.n_heads = self.n_kv = layer.n_heads
-            self.head_dim = d // layer.n_heads
             self.head_out, self.head_in = [layer.qkv], layer.proj
             self.unit_out, self.unit_in = [layer.fc1], layer.fc2
             self.gated, self.fused_heads, self.fused_units = False, True, False
@@ -246,60 +254,82 @@ class WidthLayer:
                     raise RaptrError(f"{name} with {attr} is not supported by width subnetworks: "
                                      "use an encoder (add_cross_attention=False)")
             get = layer.get_submodule
-            self.kind, conv1d = "hf", spec.conv1d
-            self.head_dim = int(_resolve(layer, spec.head_dim))
+            self.kind, conv1d, self.gated = "hf", spec.conv1d, spec.gated
             self.head_out, self.head_in = [get(p) for p in spec.head_out], get(spec.head_in)
             self.unit_out, self.unit_in = [get(p) for p in spec.unit_out], get(spec.unit_in)
             self.fused_heads, self.fused_units = len(self.head_out) == 1, spec.fused_units
+        # Everything is checked before anything is changed: a refused layer is left as it was.
+        for lin in self.linears():
+            if not _plain(lin, conv1d):
+                kind = "transformers Conv1D" if conv1d else "nn.Linear"
+                raise RaptrError(f"{name}.{type(lin).__name__} is not a plain {kind} (quantized, LoRA?): "
+                                 f"width subnetworks slice plain {kind} weights only")
+        if spec is None:
+            self.n_heads = self.n_kv = layer.n_heads
+            self.head_dim = layer.qkv.in_features // layer.n_heads
+        else:
+            self.head_dim = int(_resolve(layer, spec.head_dim))
             if self.fused_heads:  # one projection, rows [q | k | v]: head counts from the layer
                 self.n_heads = int(_resolve(layer, spec.n_heads))
                 self.n_kv = int(_resolve(layer, spec.n_kv_heads or spec.n_heads))
             else:
                 self.n_heads = _features(self.head_out[0])[1] // self.head_dim
                 self.n_kv = _features(self.head_out[1])[1] // self.head_dim
-            self.gated = spec.gated
-            for path, what in spec.follow:
-                self._follow(layer, path, what)
         self.d_model = _features(self.head_in)[1]
         self.d_ff = _features(self.unit_in)[0]
         self.n_rep = self.n_heads // self.n_kv  # query heads per KV group (1 without GQA)
-        for lin in self.linears():
-            if not _plain(lin, conv1d):
-                kind = "transformers Conv1D" if conv1d else "nn.Linear"
-                raise RaptrError(f"{name}.{type(lin).__name__} is not a plain {kind} (quantized, LoRA?): "
-                                 f"width subnetworks slice plain {kind} weights only")
-        for lin in self.head_out + self.unit_out:
-            self._swap(lin, WidthLinear)._set(lin, dim=0, transposed=conv1d)
-        for lin in (self.head_in, self.unit_in):
-            self._swap(lin, WidthLinear)._set(lin, dim=1, transposed=conv1d)
-        if self.kind == "reference":
-            self._swap(layer, WidthBlock)
+        fused = _features(self.head_out[0])[1]
+        if self.fused_heads and fused != (self.n_heads + 2 * self.n_kv) * self.head_dim:
+            raise RaptrError(f"{name}: the fused q|k|v projection has {fused} outputs, not (heads {self.n_heads} + 2 x kv "
+                             f"{self.n_kv}) x head_dim {self.head_dim}: its config and weights disagree")
+        if self.fused_units and _features(self.unit_out[0])[1] != 2 * self.d_ff:
+            raise RaptrError(f"{name}: the fused gate|up projection does not have 2 x {self.d_ff} outputs")
         self._kept = {"heads": self.n_heads, "kv_heads": self.n_kv, "q_width": self.n_heads * self.head_dim}
+        try:
+            for path, what in (spec.follow if spec is not None else ()):
+                self._follow(layer, path, what)
+            for lin in self.head_out + self.unit_out:
+                self._swap(lin, WidthLinear)._set(lin, dim=0, transposed=conv1d)
+            for lin in (self.head_in, self.unit_in):
+                self._swap(lin, WidthLinear)._set(lin, dim=1, transposed=conv1d)
+            if self.kind == "reference":
+                self._swap(layer, WidthBlock)
+        except BaseException:
+            self.unwrap()
+            raise
 
     def _follow(self, layer: nn.Module, path: str, what: str) -> None:
         """Attribute ``path`` (e.g. ``self_attn.num_key_value_heads``) counts ``what`` of the kept
-        heads during sliced forwards: a pre-hook on the module owning it sets it every call (full in
-        eval mode). A config on the way gets a private shallow copy, so other layers keep theirs."""
+        heads during sliced forwards: hooks on the module owning it set it to the kept count before
+        each sliced forward and back to the full count after it (and in eval mode). A config on the
+        way is replaced, for this module only, by a ``_ConfigView`` that reads through to the shared
+        config for everything else, so other layers and later config changes are unaffected."""
         *parts, attr = path.split(".")
         obj, module = layer, layer
         for part in parts:
             child = getattr(obj, part)
             if not isinstance(child, nn.Module):
-                private = copy.copy(child)
-                self.restore.append((obj, part, child))
-                setattr(obj, part, private)
-                child = private
+                if not isinstance(child, _ConfigView):
+                    view = _ConfigView(child)
+                    self.restore.append((obj, part, child))
+                    setattr(obj, part, view)
+                    child = view
             else:
                 module = child
             obj = child
         self.follow.append((obj, attr, what, getattr(obj, attr)))
         if not any(h[0] is module for h in self.hooks):
             self.hooks.append((module, module.register_forward_pre_hook(self._set_counts)))
+            self.hooks.append((module, module.register_forward_hook(self._reset_counts)))
 
     def _set_counts(self, module: nn.Module, args: Any) -> None:
         sliced = module.training and self.head_in._width_idx is not None
         for owner, attr, what, full in self.follow:
             setattr(owner, attr, self._kept[what] if sliced else full)
+
+    def _reset_counts(self, module: nn.Module, args: Any, output: Any) -> None:
+        for owner, attr, _, full in self.follow:
+            setattr(owner, attr, full)
 
     def _swap(self, module: nn.Module, mixin: type) -> "WidthLayer":
         self.original_classes.setdefault(module, type(module))
@@ -441,7 +471,7 @@ class WidthRaPTr:
             for layer in layers:
                 self.layers.append(WidthLayer(layer))
             self._check_fractions()
-        except RaptrError:
+        except BaseException:
             self.unwrap()  # a failed wrap leaves the layers as they were
             raise
         self.last_plan: WidthPlan | None = None

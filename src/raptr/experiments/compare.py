@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from raptr.errors import RaptrError
 from raptr.training.build import build_trainer, prepare_data, tokenizer_kind
 from raptr.training.config import RunConfig, flatten, from_dict, load_config, load_yaml, resolve_config_path, to_dict
-from raptr.training.runfiles import write_json_atomic
+from raptr.training.runfiles import read_jsonl, write_json_atomic
 
 console = Console()
 
@@ -79,9 +79,13 @@ def load_compare_config(path: str, overrides: list[str] = ()) -> CompareConfig:
     names = [a.name for a in cfg.arms]
     if len(set(names)) != len(names):
         raise RaptrError(f"arm names must be unique, got {names}")
+    by_name = {a.name: a for a in cfg.arms}
     for arm in cfg.arms:
         if arm.match_flops_of and arm.match_flops_of not in names:
             raise RaptrError(f"arm '{arm.name}' matches the FLOPs of unknown arm '{arm.match_flops_of}': use one of {names}")
+        if arm.match_flops_of and by_name[arm.match_flops_of].match_flops_of:
+            raise RaptrError(f"arm '{arm.name}' matches the FLOPs of '{arm.match_flops_of}', which itself matches another "
+                             "arm's: match the FLOPs of an arm with its own step count")
     cfg.references = cfg.references or [cfg.baseline]
     for ref in [cfg.baseline] + cfg.references:
         if ref not in names:
@@ -181,6 +185,9 @@ def reuse_finished(cfg: RunConfig, results_dir: Path, suites: list[str]) -> dict
     """Copy into ``cfg.out_dir`` the logs of a finished run of another comparison whose config is
     identical but for its name and paths (runs are deterministic: training it again would give the
     same numbers); return its summary (``reused_from`` names the source), or None."""
+    out = cfg.out_dir
+    if out.exists() and any(out.iterdir()):
+        return None  # a run of this suite started here (e.g. stopped by --budget): it resumes instead
     want = _numerics(cfg)
     for suite in suites:
         runs = results_dir / suite / "runs"
@@ -192,9 +199,8 @@ def reuse_finished(cfg: RunConfig, results_dir: Path, suites: list[str]) -> dict
                 theirs = from_dict(RunConfig, json.loads((run / "config.json").read_text()))
             except (OSError, ValueError, RaptrError):
                 continue
-            if _numerics(theirs) != want:
+            if _numerics(theirs) != want or _changed_on_resume(run / "metrics.jsonl"):
                 continue
-            out = cfg.out_dir
             out.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(run / "metrics.jsonl", out / "metrics.jsonl")
             write_json_atomic(out / "config.json", to_dict(cfg))
@@ -202,6 +208,12 @@ def reuse_finished(cfg: RunConfig, results_dir: Path, suites: list[str]) -> dict
             write_json_atomic(out / "summary.json", summary)
             return summary
     return None
+
+
+def _changed_on_resume(metrics: Path) -> bool:
+    """Did the run change settings when it resumed (its final config.json is then not what it ran)?"""
+    records, _ = read_jsonl(metrics)
+    return any(r.get("kind") == "resume" and r.get("changed") for r in records)
 
 
 def unigram_plateau(data) -> dict:

@@ -67,14 +67,26 @@ def _run_probes(cfg: ProbesConfig, out: Path, progress: bool, preset: str) -> Pa
     from raptr.experiments.probes import evaluate_runs, write_probe_report
 
     from raptr.training.checkpoint import checkpoint_dirs
+    from raptr.training.runfiles import read_json
 
     root = Path(cfg.runs)
     runs = sorted(p for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
     if not runs:
         raise RaptrError(f"no finished runs under '{cfg.runs}': pass runs=results/<comparison>/runs")
-    # Committed suites hold logs, not weights: probe the runs whose checkpoint is on this machine.
-    skipped = [p.name for p in runs if not checkpoint_dirs(p / "checkpoints")]
-    runs = [p for p in runs if p.name not in skipped]
+    # Committed suites hold logs, not weights: probe the runs whose final checkpoint is on this machine.
+    skipped, usable = [], []
+    for p in runs:
+        found = checkpoint_dirs(p / "checkpoints")
+        done = read_json(p / "summary.json") or {}
+        if cfg.untrained:
+            usable.append(p)  # the initial weights come from the config alone
+        elif not found:
+            skipped.append(f"{p.name} (no checkpoint here)")
+        elif done.get("steps") is None or int(found[-1].name.split("_")[-1]) != done["steps"]:
+            skipped.append(f"{p.name} (its checkpoint is not of its last logged step)")
+        else:
+            usable.append(p)
+    runs = usable
     if not runs:
         raise RaptrError(f"no run under '{cfg.runs}' has a checkpoint here (logs only): train the runs to probe "
                          "on this machine first (raptr compare keeps each run's last checkpoint)")
@@ -85,7 +97,9 @@ def _run_probes(cfg: ProbesConfig, out: Path, progress: bool, preset: str) -> Pa
 def _rebuild_probes(out: Path) -> Path:
     from raptr.experiments.probes import write_probe_report
 
-    return write_probe_report(json.loads((Path(out) / "probes.json").read_text()), out)
+    meta = json.loads((Path(out) / "probes_meta.json").read_text()) if (Path(out) / "probes_meta.json").is_file() else {}
+    return write_probe_report(json.loads((Path(out) / "probes.json").read_text()), out, meta.get("reference", "standard"),
+                              meta.get("skipped", ()))
 
 
 def _run_schedules(cfg: SchedulesConfig, out: Path, progress: bool, preset: str) -> Path:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from typing import Callable, Sequence
@@ -65,22 +66,34 @@ def linear_probe(x_train: torch.Tensor, y_train: Sequence[int], x_test: torch.Te
     return {"accuracy": acc, "stderr": binomial_se(acc, len(ye)), "l2": best_l2, "correct": correct_string(hit.tolist())}
 
 
+def fingerprint(items: Sequence) -> str:
+    """A short hash of a task's test examples: two runs' accuracies pair only on the same examples."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([str(x) for x in items]).encode()).hexdigest()[:16]
+
+
 def correct_string(hits: Sequence[bool]) -> str:
     """Per test example, '1' if right: two runs probed on the same examples compare pairwise."""
     return "".join("1" if h else "0" for h in hits)
 
 
-def paired_accuracy_difference(a: str, b: str, z: float = 1.959964) -> tuple[float, float, float] | None:
-    """Accuracy of ``a`` minus ``b`` on the same test examples (per-example correctness strings) and
-    its 95% interval (normal approximation to the paired difference); None if they differ in length."""
+MIN_DISCORDANT = 10  # examples on which exactly one of two runs is right, below which no verdict is given
+
+
+def paired_accuracy_difference(a: str, b: str, z: float = 1.959964) -> tuple[float, float, float, int] | None:
+    """Accuracy of ``a`` minus ``b`` on the same test examples (per-example correctness strings), its
+    95% interval (normal approximation to the paired per-example difference, widened by the
+    continuity correction 1/n) and the number of discordant examples (only these carry information;
+    report no verdict below ``MIN_DISCORDANT``). None if they differ in length."""
     if not a or len(a) != len(b):
         return None
     d = [int(x) - int(y) for x, y in zip(a, b)]
     n = len(d)
     mean = sum(d) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1)) if n > 1 else 0.0
-    half = z * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
+    half = z * sd / math.sqrt(n) + 1 / n
+    return mean, mean - half, mean + half, sum(1 for v in d if v)
 
 
 def binomial_se(p: float, n: int) -> float:

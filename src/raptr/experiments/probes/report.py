@@ -13,17 +13,21 @@ import torch
 
 from raptr.errors import RaptrError
 from raptr.experiments.probes.cloze import N_CANDIDATES
-from raptr.experiments.probes.logistic import paired_accuracy_difference
+from raptr.experiments.probes.logistic import MIN_DISCORDANT, paired_accuracy_difference
 
 
 def _against_reference(rows: Sequence[dict], tasks: list[str], reference: str | None) -> list[str]:
     """Per run and task: accuracy − the reference run's on the same examples, 95% CI, verdict."""
+    if not reference:
+        return []
     ref = next((r for r in rows if r["run"] == reference), None)
     if ref is None:
-        return []
+        return ["", f"No comparison with a reference: no probed run is named `{reference}` (set reference=RUN)."]
     out = ["", f"## Against `{reference}` (paired over the same test examples)", "",
-           "Accuracy difference, 95% interval of the paired per-example difference; **better** / **worse** "
-           "where the interval excludes 0, else no detectable difference (n.d.).", "",
+           "Accuracy difference and the 95% interval of the paired per-example difference (normal approximation "
+           f"with continuity correction); **better** / **worse** where it excludes 0 and at least {MIN_DISCORDANT} "
+           "examples have exactly one of the two runs right, else no detectable difference (n.d.); – where the two "
+           "runs were not probed on the same examples (other tokenizer or data).", "",
            "| run | val loss − reference's | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
     for r in rows:
         if r is ref:
@@ -32,12 +36,14 @@ def _against_reference(rows: Sequence[dict], tasks: list[str], reference: str | 
         cells = []
         for t in tasks:
             a, b = r["tasks"].get(t, {}), ref["tasks"].get(t, {})
-            got = paired_accuracy_difference(a.get("correct", ""), b.get("correct", ""))
+            same = a.get("examples") is not None and a.get("examples") == b.get("examples")
+            got = paired_accuracy_difference(a.get("correct", ""), b.get("correct", "")) if same else None
             if got is None:
                 cells.append("–")
                 continue
-            m, lo, hi = got
-            word = "**better**" if lo > 0 else "**worse**" if hi < 0 else "n.d."
+            m, lo, hi, discordant = got
+            decided = discordant >= MIN_DISCORDANT
+            word = "**better**" if decided and lo > 0 else "**worse**" if decided and hi < 0 else "n.d."
             cells.append(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}] {word}")
         out.append(f"| {r['run']} | {dl} | " + " | ".join(cells) + " |")
     return out
@@ -85,8 +91,7 @@ def write_probe_report(results: Sequence[dict], out_dir: str | os.PathLike, refe
     lines.append("| chance | | | | | | " + " | ".join(chance) + " |")
     lines += _against_reference(rows, tasks, reference)
     if skipped:
-        lines += ["", "Not probed (no checkpoint here; their logs are committed, their weights were not): "
-                  + ", ".join(skipped) + "."]
+        lines += ["", "Not probed (committed suites hold logs, not weights): " + "; ".join(skipped) + "."]
     lines += ["", "## Tasks", "", "| task | kind | train | test | classes | chance | what |", "|---|---|---|---|---|---|---|"]
     for t in tasks:
         res = next(r["tasks"][t] for r in results if t in r["tasks"])
@@ -101,6 +106,7 @@ def write_probe_report(results: Sequence[dict], out_dir: str | os.PathLike, refe
     md = out / "probes.md"
     md.write_text("\n".join(lines))
     (out / "probes.json").write_text(json.dumps(list(results), indent=2, default=str))
+    (out / "probes_meta.json").write_text(json.dumps({"reference": reference, "skipped": list(skipped)}, indent=2))
 
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) * max(1, len(rows)) / 2 + 2), 4))
     width = 0.8 / len(rows)

@@ -18,7 +18,7 @@ from raptr.errors import RaptrError
 from raptr.experiments.probes.cloze import DEFAULT_MAX_CLOZE, N_CANDIDATES, _is_bpe, cloze_items, cloze_predictions, corpus_word_counts
 from raptr.experiments.probes.data import rotten_tomatoes
 from raptr.experiments.probes.features import pooled_features
-from raptr.experiments.probes.logistic import binomial_se, correct_string, linear_probe, majority_rate
+from raptr.experiments.probes.logistic import binomial_se, correct_string, fingerprint, linear_probe, majority_rate
 from raptr.experiments.probes.tasks import DEFAULT_MAX_EXAMPLES, ProbeData, read_jsonl_task, sentiment_task, source_task, subjectivity_task
 
 
@@ -139,7 +139,8 @@ def _probe_task(run: LoadedRun, task: ProbeData, fmt: InputFormat, seed: int, ba
 
     x_train, x_test = feats(task.train_texts), feats(task.test_texts)
     res = linear_probe(x_train, task.train_labels, x_test, task.test_labels, task.train_groups, seed)
-    return {**res, "chance": majority_rate(task.test_labels), "n_train": len(task.train_labels),
+    return {**res, "examples": fingerprint(list(zip(task.test_texts, task.test_labels))),
+            "chance": majority_rate(task.test_labels), "n_train": len(task.train_labels),
             "n_test": len(task.test_labels), "classes": task.classes, "kind": "linear probe", "note": task.note}
 
 
@@ -157,6 +158,7 @@ def _cloze_task(run: LoadedRun, docs: list[dict], fmt: InputFormat, seed: int, m
     acc = sum(hits) / len(items)
     how = "MLM logit at [MASK]" if encoder else "causal LM log-prob of the sentence"
     return {"accuracy": acc, "stderr": binomial_se(acc, len(items)), "correct": correct_string(hits),
+            "examples": fingerprint([(it.sentence, it.candidates, it.answer) for it in items]),
             "chance": 1 / N_CANDIDATES, "n_train": 0,
             "n_test": len(items), "kind": "zero-shot", "note": f"held-out val sentences, 1 of {N_CANDIDATES} "
             f"frequency-matched single-token words, scored by {how}",
