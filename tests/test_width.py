@@ -459,7 +459,7 @@ def test_depth_and_width_combine_on_the_reference_model():
     ("0.75-0.5-1", {}, "decreases"),
     ("0-1", {}, r"outside \(0, 1\]"),
     ("0.5-1.5", {}, r"outside \(0, 1\]"),
-    ("0.5-0.75", {}, "kept fraction 0.75, not the full model: end the width schedule at 1"),
+    ("0.5-0.75", {}, "keeps the fraction 0.75, not the full model: end the width schedule at 1"),
     ("0.5-x-1", {}, "cannot read width schedule"),
     ("", {}, "empty width schedule"),
     ("0.5-1", {"stage_lengths": "1,2,3"}, "3 stage lengths given for 2 stages"),

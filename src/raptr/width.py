@@ -93,9 +93,9 @@ class WidthSchedule:
 
     def __init__(self, fractions: Sequence[float], total_steps: int, stage_lengths: str | Sequence[float] = "equal",
                  full_warmup: float = 0, require_full_final: bool = True):
-        self.spans = Stages(fractions, total_steps, stage_lengths, full_warmup, require_full_final, what="kept fraction",
-                            full_hint="end the width schedule at 1 (e.g. '0.5-0.75-1'), or set require_full_final=false "
-                                      "if that is intended", example="0.5-0.75-1")
+        self.spans = Stages(fractions, total_steps, stage_lengths, full_warmup, require_full_final, what="the fraction",
+                            full_hint="end the width schedule at 1 (e.g. '0.5-0.75-1'), or pass "
+                                      "WidthRaPTr(require_full_final=False) if that is intended", example="0.5-0.75-1")
         self.stages: tuple[WidthStage, ...] = tuple(WidthStage(s.index, s.start, s.end, s.value) for s in self.spans.spans)
         self.total_steps, self.full_warmup_steps = total_steps, self.spans.full_warmup_steps
 
