@@ -49,7 +49,6 @@ Qwen3, Gemma, Gemma2, Gemma3; Phi3 and GPT-2 with fused projections, GPT-2's as 
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence

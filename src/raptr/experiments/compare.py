@@ -156,6 +156,12 @@ def finished_summary(run_dir: Path) -> dict | None:
     return s if s.get("steps") is not None and s.get("steps") == s.get("total_steps") else None
 
 
+def _finished_at(run_dir: Path | None, steps: int | None, summary: dict | None = None) -> dict | None:
+    """The summary of a run (read from ``run_dir`` unless given) that finished exactly ``steps`` steps, else None."""
+    done = summary if summary is not None else finished_summary(run_dir)
+    return done if done is not None and steps is not None and done.get("total_steps") == steps else None
+
+
 def last_step(run_dir: Path) -> int:
     """The last logged step of a run in progress (reads only the end of metrics.jsonl)."""
     path = run_dir / "metrics.jsonl"
@@ -192,8 +198,8 @@ def reuse_finished(cfg: RunConfig, results_dir: Path, suites: list[str]) -> dict
     for suite in suites:
         runs = results_dir / suite / "runs"
         for run in sorted(runs.iterdir()) if runs.is_dir() else []:
-            done = finished_summary(run)
-            if done is None or done.get("total_steps") != cfg.train.steps:
+            done = _finished_at(run, cfg.train.steps)
+            if done is None:
                 continue
             try:
                 theirs = from_dict(RunConfig, json.loads((run / "config.json").read_text()))
@@ -275,8 +281,8 @@ def run_compare(cfg: CompareConfig, results_dir: str | Path = "results", progres
     for r in plan_runs(cfg, root, None, None):
         if r.label in targets:
             target = load_config(cfg.base, r.overrides)
-            done = finished_summary(target.out_dir)
-            if done is not None and done.get("total_steps") == target.train.steps:
+            done = _finished_at(target.out_dir, target.train.steps)
+            if done is not None:
                 summaries[r.label] = done
     todo: list[PlannedRun] = []
     for r in planned:  # matched runs after their targets, so the expected step count is known
@@ -286,7 +292,7 @@ def run_compare(cfg: CompareConfig, results_dir: str | Path = "results", progres
             done = reuse_finished(configs[r.label], Path(results_dir), cfg.reuse)
             if done is not None:
                 console.print(f"  {r.label}: the same run as {done['reused_from']}, logs copied")
-        if done is not None and expected is not None and done.get("total_steps") == expected:
+        if done is not None and _finished_at(None, expected, done) is not None:
             summaries[r.label] = done
         else:
             todo.append(r)

@@ -66,7 +66,7 @@ def _stability():
 def _run_probes(cfg: ProbesConfig, out: Path, progress: bool, preset: str) -> Path:
     from raptr.experiments.probes import evaluate_runs, write_probe_report
 
-    from raptr.training.checkpoint import checkpoint_dirs
+    from raptr.training.checkpoint import checkpoint_dirs, checkpoint_step
     from raptr.training.runfiles import read_json
 
     root = Path(cfg.runs)
@@ -82,7 +82,7 @@ def _run_probes(cfg: ProbesConfig, out: Path, progress: bool, preset: str) -> Pa
             usable.append(p)  # the initial weights come from the config alone
         elif not found:
             skipped.append(f"{p.name} (no checkpoint here)")
-        elif done.get("steps") is None or int(found[-1].name.split("_")[-1]) != done["steps"]:
+        elif done.get("steps") is None or checkpoint_step(found[-1]) != done["steps"]:
             skipped.append(f"{p.name} (its checkpoint is not of its last logged step)")
         else:
             usable.append(p)

@@ -67,12 +67,17 @@ def set_aside(path: Path, why: str = "corrupt") -> Path:
     return target
 
 
+def checkpoint_step(path: Path) -> int:
+    """The training step a checkpoint directory (``step_0000100``) was saved at."""
+    return int(path.name[len(PREFIX):])
+
+
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "DONE").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(done, key=checkpoint_step)
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict, keep: int, weights: dict | None = None) -> Path:

@@ -20,6 +20,7 @@ from raptr.experiments.probes.data import rotten_tomatoes
 from raptr.experiments.probes.features import pooled_features
 from raptr.experiments.probes.logistic import binomial_se, correct_string, fingerprint, linear_probe, majority_rate
 from raptr.experiments.probes.tasks import DEFAULT_MAX_EXAMPLES, ProbeData, read_jsonl_task, sentiment_task, source_task, subjectivity_task
+from raptr.training.checkpoint import checkpoint_step
 
 
 TASKS = ("sentiment", "subjectivity", "cloze", "source")
@@ -194,7 +195,7 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[str] = TASKS, seed:
         "run": run_dir.name + (" (untrained)" if untrained else ""), "run_dir": str(run_dir), "name": cfg.name,
         "method": "init" if untrained else cfg.method.name,
         "objective": cfg.objective.name, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
-        "step": 0 if untrained else int(run.checkpoint.name.split("_")[-1]), "val_loss": val_loss,
+        "step": 0 if untrained else checkpoint_step(run.checkpoint), "val_loss": val_loss,
         "perplexity": math.exp(val_loss) if val_loss is not None and val_loss < 50 else None,
         "seed": seed, "device": str(run.device), "input_format": fmt.description, "tasks": {},
     }
