@@ -101,8 +101,10 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict, keep: 
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    for old in checkpoint_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in checkpoint_dirs(root)[:-keep]:  # renamed first (atomic): a kill mid-delete never leaves a
+        gone = root / f".tmp-old-{old.name}-{os.getpid()}"  # "complete" checkpoint with files missing
+        os.replace(old, gone)
+        shutil.rmtree(gone, ignore_errors=True)
     for stale in root.glob(".tmp-*"):  # leftovers of runs killed mid-save
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
