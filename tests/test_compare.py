@@ -194,3 +194,84 @@ def test_chained_flop_matching_is_refused(tmp_path):
                    "  - {name: b, match_flops_of: a}\n  - {name: c, match_flops_of: b}\n")
     with pytest.raises(RaptrError, match="which itself matches another arm's"):
         load_compare_config(str(cfg))
+
+
+def _signal_suite(tmp_path, data_cache, signum):
+    """`raptr compare --workers 2` as a real process; once both runs are training, send `signum` to the
+    compare process alone (as Kubernetes, or `kill PID`, does). Returns the process and the suite dir."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "sig.yaml").write_text(
+        "name: sig\nbase: clm-tiny-baseline\nseeds: [0]\nbaseline: standard\narms:\n"
+        "  - name: standard\n    set: [method.name=standard]\n"
+        "  - name: raptr\n    set: [method.name=raptr, method.raptr.schedule=3-4-5-6]\n")
+    over = [o for o in TINY if not o.startswith(("train.steps", "train.checkpoint_every", "train.eval_every"))]
+    args = [sys.executable, "-m", "raptr", "compare", "--config", str(tmp_path / "sig.yaml"), "--results",
+            str(tmp_path), "--workers", "2", "--quiet", *over, "train.steps=1200", "train.checkpoint_every=600", "train.eval_every=200",
+            "data.tokenizer=bpe", f"data.cache_dir={data_cache}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root = tmp_path / "sig"
+    metrics = [root / "runs" / name / "metrics.jsonl" for name in ("standard", "raptr")]
+    end = time.time() + 240
+    while not all(m.is_file() and m.read_text().count('"train"') >= 5 for m in metrics):
+        assert proc.poll() is None and time.time() < end, proc.communicate()
+        time.sleep(0.2)
+    os.kill(proc.pid, signum)
+    return proc, root, args
+
+
+def _resumes_and_finishes(root, args):
+    """The same command again continues both runs from their checkpoints (the logged rows up to there,
+    wall-clock included, are kept: a restart would rewrite them) and finishes them."""
+    import subprocess
+
+    logs = {name: root / "runs" / name / "metrics.jsonl" for name in ("standard", "raptr")}
+    stop = {name: json.loads((log.parent / "summary.json").read_text())["steps"] for name, log in logs.items()}
+    before = {name: [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= stop[name]]
+              for name, log in logs.items()}
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)  # fails if an orphan holds a run's lock
+    assert again.returncode == 0, again.stderr
+    for name, log in logs.items():
+        assert json.loads((log.parent / "summary.json").read_text())["steps"] == 1200
+        assert stop[name] < 1200 and log.read_text().splitlines()[: len(before[name])] == before[name]
+
+
+def test_sigterm_to_compare_checkpoints_every_worker_and_resumes(tmp_path, data_cache):
+    import signal
+
+    proc, root, args = _signal_suite(tmp_path, data_cache, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM: ") and "run the same command again to resume" in last
+    assert "standard" in last and "raptr" in last and "Traceback" not in err
+    for name in ("standard", "raptr"):  # each worker stopped at a step boundary with a checkpoint there
+        steps = json.loads((root / "runs" / name / "summary.json").read_text())["steps"]
+        assert 5 <= steps < 1200
+        assert (root / "runs" / name / "checkpoints" / f"step_{steps:07d}").is_dir()
+    _resumes_and_finishes(root, args)
+
+
+def test_workers_of_a_killed_compare_checkpoint_and_exit(tmp_path, data_cache):
+    """SIGKILL leaves no chance to pass a signal on: the workers notice their parent is gone, checkpoint
+    and exit, instead of training on as orphans that hold the runs' locks."""
+    import signal
+
+    from raptr.training.runfiles import RunLock
+
+    proc, root, args = _signal_suite(tmp_path, data_cache, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    end = time.time() + 120
+    for name in ("standard", "raptr"):
+        while True:  # the lock is free once the orphaned worker has checkpointed and exited
+            try:
+                RunLock(root / "runs" / name).acquire().release()
+                break
+            except RaptrError:
+                assert time.time() < end, f"{name}: its worker still runs after its parent was killed"
+                time.sleep(0.5)
+        steps = json.loads((root / "runs" / name / "summary.json").read_text())["steps"]
+        assert (root / "runs" / name / "checkpoints" / f"step_{steps:07d}").is_dir() and steps < 1200
+    _resumes_and_finishes(root, args)

@@ -52,3 +52,27 @@ def test_time_to_target_interpolation():
     assert first_crossing([0, 1, 2, 3], [3.0, 1.0, 2.5, 0.5], 2.0) == pytest.approx(0.5)
     assert interpolate([0, 10, 20], [1.0, 2.0, 4.0], 15) == pytest.approx(3.0)
     assert interpolate([0, 10], [1.0, 2.0], 11) is None and interpolate([0, 10], [1.0, 2.0], 10) == 2.0
+
+
+def test_calibrated_seconds_price_each_logged_step_by_its_layers(tmp_path):
+    """The quiet step-cost table prices every logged step of a committed run by the layers it ran; with a
+    cost of k seconds for k layers the calibrated total is the run's logged layer passes. A width run (all
+    layers, fewer heads/units) is not in the table, so it gets no calibrated seconds."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from raptr.experiments.report import load_runs
+
+    src = Path(__file__).resolve().parents[1] / "docs/results/bert-tiny/runs"
+    for name in ("raptr", "width"):
+        shutil.copytree(src / name, tmp_path / "runs" / name, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    (tmp_path / "step_cost.json").write_text(json.dumps({"layers": list(range(1, 13)), "seconds": list(range(1, 13))}))
+    runs = {r.label: r for r in load_runs(tmp_path, None)}
+    raptr, width = runs["raptr"], runs["width"]
+    last = raptr.train[-1]
+    assert raptr.calibrated[last["step"]] == pytest.approx(last["layer_passes"])
+    assert 0.5 * 12 * last["step"] < last["layer_passes"] < 12 * last["step"]  # a real partial-path run
+    mid = raptr.train[len(raptr.train) // 2]
+    assert raptr.calibrated[mid["step"]] == pytest.approx(mid["layer_passes"])
+    assert width.calibrated == {}

@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
 import shutil
+import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -31,6 +34,7 @@ from raptr.errors import RaptrError
 from raptr.training.build import build_trainer, prepare_data, tokenizer_kind
 from raptr.training.config import RunConfig, flatten, from_dict, load_config, load_yaml, resolve_config_path, to_dict
 from raptr.training.runfiles import read_jsonl, write_json_atomic
+from raptr.training.trainer import Preempted
 
 console = Console()
 
@@ -243,9 +247,32 @@ def _steps_for(run: PlannedRun, summaries: dict[str, dict]) -> list[str]:
     return run.overrides + [f"train.steps={max(1, round(target['total_steps'] * target['relative_flops']))}"]
 
 
+_PARENT: int | None = None  # in a --workers process: the pid of the compare process that started it
+
+
+def _watch_parent(parent: int) -> None:
+    """Worker initializer. If the compare process dies without passing a signal on (SIGKILL, or a
+    SIGTERM sent to it alone), the run stops as on SIGTERM (finish the step, checkpoint) instead of
+    training on as an orphan that holds the run's lock."""
+    global _PARENT
+    _PARENT = parent
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="raptr-parent-watch").start()
+
+
 def _fit_run(base: str, overrides: list[str], progress: bool, deadline: float | None) -> dict:
     """One run, start to finish (or resumed); in a worker process with --workers > 1."""
-    return build_trainer(load_config(base, overrides), progress=progress).fit(deadline=deadline)
+    try:
+        return build_trainer(load_config(base, overrides), progress=progress).fit(deadline=deadline)
+    except Preempted as e:
+        if _PARENT is not None and os.getppid() != _PARENT:
+            os._exit(e.exit_code)  # orphaned, checkpoint written: nobody is left to take the result
+        raise
 
 
 def run_compare(cfg: CompareConfig, results_dir: str | Path = "results", progress: bool = True, workers: int = 1,
@@ -333,14 +360,31 @@ def _execute(cfg: CompareConfig, todo: list[PlannedRun], configs: dict, summarie
                dynamic_ncols=True, mininterval=2.0)
     shown = {r.label: last_step(configs[r.label].out_dir) for r in todo}
     bar.update(sum(shown.values()))
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_watch_parent,
+                               initargs=(os.getpid(),)) if workers > 1 else None
     running: dict = {}  # future -> run
     queue = list(todo)
     failed: dict[str, str] = {}
 
-    def out_of_time() -> bool:
-        return deadline is not None and time.time() > deadline
+    stopped: dict[str, Preempted] = {}  # runs a signal stopped (with a checkpoint)
+    signalled: list[int] = []
 
+    def out_of_time() -> bool:
+        return bool(signalled or stopped) or (deadline is not None and time.time() > deadline)
+
+    def on_signal(signum, frame):
+        """SIGTERM/SIGINT to the compare process: start nothing more, and have every worker finish its
+        step and checkpoint (Ctrl-C reaches them too; a SIGTERM from SLURM/Kubernetes may not)."""
+        if signalled and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        signalled.append(signum)
+        tqdm.write(f"{signal.Signals(signum).name}: the running runs finish their step and checkpoint")
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGTERM)
+
+    handlers = {}
+    if pool is not None and threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while queue or running:
             while queue and len(running) < workers and not out_of_time():
@@ -356,6 +400,9 @@ def _execute(cfg: CompareConfig, todo: list[PlannedRun], configs: dict, summarie
                 if pool is None:  # in this process, with the run's own progress bar
                     try:
                         summary = _fit_run(cfg.base, overrides, progress, deadline)
+                    except Preempted as e:
+                        stopped[ready.label] = e
+                        break
                     except RaptrError as e:
                         _failed(ready, e, failed)
                         continue
@@ -372,6 +419,8 @@ def _execute(cfg: CompareConfig, todo: list[PlannedRun], configs: dict, summarie
                 run = running.pop(future)
                 try:
                     _finish(run, future.result(), summaries, bar, shown, configs)
+                except Preempted as e:
+                    stopped[run.label] = e
                 except RaptrError as e:
                     _failed(run, e, failed)
             for r in running.values():
@@ -383,7 +432,14 @@ def _execute(cfg: CompareConfig, todo: list[PlannedRun], configs: dict, summarie
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        for signum, old in handlers.items():
+            signal.signal(signum, old)
         bar.close()
+    if stopped or signalled:
+        signum = (signalled or [next(iter(stopped.values())).signum])[0]
+        raise Preempted(f"stopped by {signal.Signals(signum).name}: "
+                        + (f"{', '.join(stopped)} checkpointed; " if stopped else "")
+                        + "run the same command again to resume", signum)
     return failed
 
 

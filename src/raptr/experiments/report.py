@@ -82,6 +82,10 @@ def step_cost(root: Path) -> dict | None:
 
 
 def _calibrate(run: Run, table: dict) -> None:
+    """Price each logged step by its layers run. A width step (a fraction of heads/units below 1) is not
+    in the table, so such a run gets no calibrated seconds rather than a full step's price."""
+    if any(row.get("fraction", 1.0) < 1.0 for row in run.train):
+        return
     layers, seconds = table["layers"], table["seconds"]
     total = 0.0
     run.calibrated[0] = 0.0
@@ -298,7 +302,8 @@ def make_report(root: str | Path) -> Path:
               "needs for it; below 1, its FLOP savings did not pay. "
               + ("Calibrated seconds come from per-step costs by layers run, measured in one quiet interleaved run "
                  f"(`step_cost.json`: {cal.get('note', '')}); raw seconds are what the runs logged while sharing a "
-                 "loaded machine, so they are noise-prone." if cal else
+                 "loaded machine, so they are noise-prone. Width steps (fewer heads/units, all layers) are not in that "
+                 "table, so width arms have no calibrated seconds." if cal else
                  "No quiet step-cost table (`benchmarks/step_cost.py`) is present, so only raw seconds are shown: "
                  "they were logged on a shared, loaded machine and are noise-prone."),
               "", "## Paired comparisons (final full-model val loss, arm − reference, same seeds)", "",
@@ -369,7 +374,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
 def _plots(ev: dict, runs: list[Run], by_arm: dict[str, dict[int, Run]], root: Path) -> None:
     arms = [a["arm"] for a in ev["arms"]]
     colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
-    wall_key = "calibrated" if all(r.calibrated for r in runs) else "train_seconds"
+    wall_key = "calibrated" if any(r.calibrated for r in runs) else "train_seconds"
     for key, xlabel, name in [("flops", "training FLOPs", "val_loss_vs_flops.png"),
                               ("step", "optimizer step", "val_loss_vs_step.png"),
                               (wall_key, "training wall-clock (s, " + ("calibrated" if wall_key == "calibrated" else "raw") + ")",
