@@ -76,3 +76,13 @@ def test_calibrated_seconds_price_each_logged_step_by_its_layers(tmp_path):
     mid = raptr.train[len(raptr.train) // 2]
     assert raptr.calibrated[mid["step"]] == pytest.approx(mid["layer_passes"])
     assert width.calibrated == {}
+
+
+def test_seeds_needed_for_a_decisive_interval_by_hand():
+    from raptr.experiments.stats import seeds_needed
+
+    # sd 0.05: n=14 gives 2.1604 * 0.05 / sqrt(14) = 0.02887 <= 0.03; n=13 gives 2.1788 * 0.05 / sqrt(13) = 0.03021
+    assert seeds_needed({"std": 0.05}) == 14
+    assert seeds_needed({"std": 0.01}) == 3  # 4.3027 * 0.01 / sqrt(3) = 0.0248; n=2: 12.7062 * 0.01 / sqrt(2) = 0.0898
+    assert seeds_needed({"std": None}) is None
+    assert seeds_needed({"std": 2.0}) is None  # beyond 1000 seeds: 1.96 * 2 / sqrt(1000) = 0.124

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from raptr.errors import RaptrError  # noqa: E402
 from raptr.experiments.compare import CompareConfig, arm_seeds, last_step, parse_label, run_label  # noqa: E402
 from raptr.experiments.stats import (  # noqa: E402
-    DECISIVE_HALF_WIDTH, decisive, first_crossing, interpolate, mean_std, paired_difference, t975, verdict)
+    DECISIVE_HALF_WIDTH, decisive, first_crossing, interpolate, mean_std, paired_difference, seeds_needed, t975, verdict)
 from raptr.training.config import from_dict  # noqa: E402
 from raptr.training.runfiles import read_json, read_jsonl  # noqa: E402
 
@@ -235,7 +235,8 @@ def build_evidence(root: str | Path) -> dict:
                                      {s: r.final for s, r in by_arm[ref].items()})
             comparisons.append({"arm": a["arm"], "against": ref, "mean_diff": diff["mean_diff"], "ci95": diff["ci95"],
                                 "half_width": diff["half_width"], "n": diff["n"], "seeds": diff["seeds"],
-                                "diffs": diff["diffs"], "verdict": verdict(diff), "decisive": decisive(diff)})
+                                "diffs": diff["diffs"], "verdict": verdict(diff), "decisive": decisive(diff),
+                                "seeds_for_decisive_half_width": None if decisive(diff) else seeds_needed(diff)})
     planned = [(arm.name, s, run_label(arm, s, cfg)) for arm in cfg.arms for s in arm_seeds(cfg, arm)] if cfg else []
     done = {r.label for r in finished}
     partial = {lab: last_step(root / "runs" / lab) for _, _, lab in planned if lab not in done and (root / "runs" / lab).is_dir()}
@@ -311,11 +312,12 @@ def make_report(root: str | Path) -> Path:
     for c in ev["comparisons"]:
         ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
         lines.append(f"| {c['arm']} | {c['against']} | {c['n']} | {_f(c['mean_diff'], '+.4f')} | {ci} | {c['verdict']} "
-                     f"| {'yes' if c['decisive'] else 'no: add seeds'} |")
+                     f"| {_decides(c)} |")
     lines += ["", "Negative = the arm reached a lower loss. Intervals are t intervals over the paired per-seed differences "
               f"(t quantiles {', '.join(f'df={d}: {t975(d):.3f}' for d in (1, 2, 3))}). A verdict of *better*/*worse* "
               f"means the interval excludes 0; an interval with half-width above {DECISIVE_HALF_WIDTH} nats that contains "
-              "0 cannot decide a claim of that size.", ""]
+              "0 cannot decide a claim of that size. *Seeds for ±0.03*: at the paired differences' seed-to-seed sd, the "
+              f"least number of seeds whose interval would be ±{DECISIVE_HALF_WIDTH} wide.", ""]
     if ev["transitions"]:
         worst = max(ev["transitions"], key=lambda t: t["change"])
         lines += ["## Stage transitions", "",
@@ -333,6 +335,15 @@ def make_report(root: str | Path) -> Path:
     report.write_text("\n".join(lines) + "\n")
     _plots(ev, runs, by_arm, root)
     return report
+
+
+def _decides(c: dict) -> str:
+    if c["decisive"]:
+        return "yes"
+    n = c.get("seeds_for_decisive_half_width")
+    if c["ci95"] is None:
+        return "no: one seed, add seeds"
+    return f"no: ~{n} seeds for ±{DECISIVE_HALF_WIDTH}" if n else f"no: over 1000 seeds for ±{DECISIVE_HALF_WIDTH}"
 
 
 # ------------------------------------------------------------------------------------ plots

@@ -77,6 +77,17 @@ def decisive(diff: dict) -> bool:
     return hi < 0 or lo > 0 or diff["half_width"] <= DECISIVE_HALF_WIDTH
 
 
+def seeds_needed(diff: dict, half_width: float = DECISIVE_HALF_WIDTH, most: int = 1000) -> int | None:
+    """Seeds at which the interval of a difference with this seed-to-seed sd would be ``half_width``
+    wide: the least n with t(n-1) * sd / sqrt(n) <= half_width (None without an sd, or beyond ``most``)."""
+    if diff.get("std") is None:
+        return None
+    for n in range(2, most + 1):
+        if t975(n - 1) * diff["std"] / math.sqrt(n) <= half_width:
+            return n
+    return None
+
+
 def first_crossing(xs: Sequence[float], losses: Sequence[float], target: float) -> float | None:
     """The x (FLOPs, seconds, ...) at which ``losses`` first reaches ``target`` or below, linearly
     interpolated between the two evaluations around the crossing; None if it never does."""
