@@ -196,9 +196,9 @@ def test_chained_flop_matching_is_refused(tmp_path):
         load_compare_config(str(cfg))
 
 
-def _signal_suite(tmp_path, data_cache, signum):
-    """`raptr compare --workers 2` as a real process; once both runs are training, send `signum` to the
-    compare process alone (as Kubernetes, or `kill PID`, does). Returns the process and the suite dir."""
+def _signal_suite(tmp_path, data_cache, signum, workers=2):
+    """`raptr compare --workers N` as a real process; once its runs are training (both with 2 workers, the
+    first with 1), send `signum` to the compare process alone (as Kubernetes, or `kill PID`, does)."""
     import os
     import subprocess
     import sys
@@ -209,11 +209,11 @@ def _signal_suite(tmp_path, data_cache, signum):
         "  - name: raptr\n    set: [method.name=raptr, method.raptr.schedule=3-4-5-6]\n")
     over = [o for o in TINY if not o.startswith(("train.steps", "train.checkpoint_every", "train.eval_every"))]
     args = [sys.executable, "-m", "raptr", "compare", "--config", str(tmp_path / "sig.yaml"), "--results",
-            str(tmp_path), "--workers", "2", "--quiet", *over, "train.steps=1200", "train.checkpoint_every=600", "train.eval_every=200",
+            str(tmp_path), "--workers", str(workers), "--quiet", *over, "train.steps=1200", "train.checkpoint_every=600", "train.eval_every=200",
             "data.tokenizer=bpe", f"data.cache_dir={data_cache}"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     root = tmp_path / "sig"
-    metrics = [root / "runs" / name / "metrics.jsonl" for name in ("standard", "raptr")]
+    metrics = [root / "runs" / name / "metrics.jsonl" for name in ("standard", "raptr")[:workers]]
     end = time.time() + 240
     while not all(m.is_file() and m.read_text().count('"train"') >= 5 for m in metrics):
         assert proc.poll() is None and time.time() < end, proc.communicate()
@@ -228,9 +228,10 @@ def _resumes_and_finishes(root, args):
     import subprocess
 
     logs = {name: root / "runs" / name / "metrics.jsonl" for name in ("standard", "raptr")}
-    stop = {name: json.loads((log.parent / "summary.json").read_text())["steps"] for name, log in logs.items()}
+    stop = {name: json.loads((log.parent / "summary.json").read_text())["steps"] if log.is_file() else 0
+            for name, log in logs.items()}
     before = {name: [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= stop[name]]
-              for name, log in logs.items()}
+              if log.is_file() else [] for name, log in logs.items()}
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)  # fails if an orphan holds a run's lock
     assert again.returncode == 0, again.stderr
     for name, log in logs.items():
@@ -238,16 +239,21 @@ def _resumes_and_finishes(root, args):
         assert stop[name] < 1200 and log.read_text().splitlines()[: len(before[name])] == before[name]
 
 
-def test_sigterm_to_compare_checkpoints_every_worker_and_resumes(tmp_path, data_cache):
+@pytest.mark.parametrize("workers", [2, 1])
+def test_sigterm_to_compare_checkpoints_every_worker_and_resumes(tmp_path, data_cache, workers):
+    """With workers, every running run checkpoints; with one (in-process) the suite stops there instead of
+    starting its next run."""
     import signal
 
-    proc, root, args = _signal_suite(tmp_path, data_cache, signal.SIGTERM)
+    proc, root, args = _signal_suite(tmp_path, data_cache, signal.SIGTERM, workers)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("stopped by SIGTERM: ") and "run the same command again to resume" in last
-    assert "standard" in last and "raptr" in last and "Traceback" not in err
-    for name in ("standard", "raptr"):  # each worker stopped at a step boundary with a checkpoint there
+    running = ("standard", "raptr")[:workers]
+    assert all(name in last for name in running) and "Traceback" not in err
+    assert sorted(p.name for p in (root / "runs").iterdir()) == sorted(running)  # nothing more started
+    for name in running:  # each stopped at a step boundary with a checkpoint there
         steps = json.loads((root / "runs" / name / "summary.json").read_text())["steps"]
         assert 5 <= steps < 1200
         assert (root / "runs" / name / "checkpoints" / f"step_{steps:07d}").is_dir()
