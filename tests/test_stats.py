@@ -86,3 +86,24 @@ def test_seeds_needed_for_a_decisive_interval_by_hand():
     assert seeds_needed({"std": 0.01}) == 3  # 4.3027 * 0.01 / sqrt(3) = 0.0248; n=2: 12.7062 * 0.01 / sqrt(2) = 0.0898
     assert seeds_needed({"std": None}) is None
     assert seeds_needed({"std": 2.0}) is None  # beyond 1000 seeds: 1.96 * 2 / sqrt(1000) = 0.124
+
+
+def test_transition_spike_test_by_hand():
+    from raptr.experiments.report import transition_excess
+
+    rows = [  # seed 0: excesses +0.02 and +0.04 (mean +0.03); seed 1: +0.01 (one boundary with a baseline)
+        {"arm": "raptr", "seed": 0, "change": 0.05, "baseline_change": 0.03},
+        {"arm": "raptr", "seed": 0, "change": 0.00, "baseline_change": -0.04},
+        {"arm": "raptr", "seed": 1, "change": -0.01, "baseline_change": -0.02},
+        {"arm": "raptr", "seed": 1, "change": 0.50, "baseline_change": None},
+        {"arm": "raptr", "seed": 1, "change": 0.30, "baseline_change": 0.0, "grows": False},  # a warm-up's end: left out
+        {"arm": "stacking", "seed": 0, "change": 0.10, "baseline_change": 0.0},
+    ]
+    raptr, stacking = transition_excess(rows)
+    # diffs 0.03, 0.01: mean 0.02, sd sqrt(2) * 0.01, half-width 12.7062 * 0.01
+    assert raptr["n"] == 2 and raptr["mean_diff"] == pytest.approx(0.02)
+    assert raptr["ci95"] == pytest.approx([0.02 - 0.127062, 0.02 + 0.127062])
+    assert raptr["verdict"].startswith("no detectable difference")
+    assert stacking["n"] == 1 and stacking["ci95"] is None and stacking["verdict"] == "one seed: no interval"
+    spike = transition_excess([{"arm": "a", "seed": s, "change": 0.1 + s / 100, "baseline_change": 0.0} for s in range(3)])
+    assert spike[0]["verdict"] == "spike"

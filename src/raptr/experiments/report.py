@@ -164,10 +164,36 @@ def transitions(run: Run, base: Run | None = None) -> list[dict]:
         before = [t["loss"] for t in rows[max(0, i - TRANSITION_WINDOW):i]]
         after = [t["loss"] for t in rows[i:i + TRANSITION_WINDOW]]
         at = next((e["val_loss"] for e in run.eval if e["step"] == rows[i - 1]["step"]), None)
+        work = [sum(t.get("layers_run", 0) * t.get("fraction", 1.0) for t in w) / len(w)
+                for w in (rows[max(0, i - TRANSITION_WINDOW):i], rows[i:i + TRANSITION_WINDOW])]
         out.append({"arm": run.arm, "seed": run.seed, "step": rows[i - 1]["step"], "to_stage": rows[i]["stage"],
+                    "grows": work[1] > work[0],  # a larger subnetwork after it (a full warm-up's end shrinks)
                     "train_before": sum(before) / len(before), "train_after": sum(after) / len(after),
                     "change": sum(after) / len(after) - sum(before) / len(before), "val_at_boundary": at,
                     "baseline_change": None if base is None else _window_change(base, rows[i - 1]["step"])})
+    return out
+
+
+def transition_excess(rows: list[dict]) -> list[dict]:
+    """Per arm, the spike test: each seed's mean over its growing boundaries (the paper's claim is about
+    moving to larger subnetworks; leaving a full-model warm-up for a smaller one is expected to cost)
+    of (change − the baseline's change over the same steps), paired over seeds with a 95% t interval.
+    A spike is an interval above 0."""
+    rows = [t for t in rows if t.get("grows", True)]
+    out = []
+    for arm in dict.fromkeys(t["arm"] for t in rows):
+        own, base = {}, {}
+        for seed in dict.fromkeys(t["seed"] for t in rows if t["arm"] == arm):
+            ts = [t for t in rows if t["arm"] == arm and t["seed"] == seed and t["baseline_change"] is not None]
+            if ts:
+                own[seed] = sum(t["change"] for t in ts) / len(ts)
+                base[seed] = sum(t["baseline_change"] for t in ts) / len(ts)
+        if own:
+            diff = paired_difference(own, base)
+            word = verdict(diff)
+            word = "spike" if word == "worse" else "smaller than the baseline's" if word == "better" else word
+            out.append({"arm": arm, "n": diff["n"], "mean_diff": diff["mean_diff"], "ci95": diff["ci95"],
+                        "half_width": diff["half_width"], "verdict": word})
     return out
 
 
@@ -248,7 +274,8 @@ def build_evidence(root: str | Path) -> dict:
         "unigram_val_loss": data.get("unigram_val_loss"), "data": data,
         "step_cost": {k: table[k] for k in ("layers", "seconds", "threads", "note") if k in table} if table else None,
         "arms": arms, "comparisons": comparisons,
-        "transitions": [t for r in finished for t in transitions(r, base_runs.get(r.seed))],
+        "transitions": (steps := [t for r in finished for t in transitions(r, base_runs.get(r.seed))]),
+        "transition_excess": transition_excess(steps),
         "missing": [{"arm": a, "seed": s, "label": lab, "steps_done": partial.get(lab)} for a, s, lab in planned if lab not in done],
         "decisive_half_width": DECISIVE_HALF_WIDTH,
         "_runs": finished, "_by_arm": by_arm,
@@ -324,11 +351,21 @@ def make_report(root: str | Path) -> Path:
                   f"Mean training loss of the {TRANSITION_WINDOW} steps after each stage boundary minus the "
                   f"{TRANSITION_WINDOW} steps before it (a spike would be positive), over "
                   f"{len(ev['transitions'])} boundaries of {len({(t['arm'], t['seed']) for t in ev['transitions']})} runs:", "",
-                  f"| arm | seed | boundary step | to stage | train loss before | after | change | {ev['baseline']}'s change, same steps |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {t['arm']} | {t['seed']} | {t['step']} | {t['to_stage']} | {t['train_before']:.4f} | "
+                  f"| arm | seed | boundary step | to stage | subnetwork | train loss before | after | change | {ev['baseline']}'s change, same steps |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {t['arm']} | {t['seed']} | {t['step']} | {t['to_stage']} | {'grows' if t.get('grows', True) else 'shrinks'} | {t['train_before']:.4f} | "
                   f"{t['train_after']:.4f} | {t['change']:+.4f} | {_f(t['baseline_change'], '+.4f')} |" for t in ev["transitions"]]
         lines += ["", f"Largest change: {worst['change']:+.4f} ({worst['arm']}, seed {worst['seed']}, step {worst['step']}).", ""]
+        if ev["transition_excess"]:
+            lines += [f"Spike test: per seed, the mean over its boundaries to a larger subnetwork of (change − "
+                      f"{ev['baseline']}'s change over the same steps), 95% t interval over seeds (a spike is an interval "
+                      "above 0). Boundaries to a smaller subnetwork (the end of a full-model warm-up) are left out: "
+                      "losing layers is expected to cost.", "",
+                      "| arm | seeds | mean excess | 95% CI | verdict |", "|---|---|---|---|---|"]
+            lines += [f"| {x['arm']} | {x['n']} | {x['mean_diff']:+.4f} | "
+                      + ("-" if x["ci95"] is None else f"[{x['ci95'][0]:+.4f}, {x['ci95'][1]:+.4f}]")
+                      + f" | {x['verdict']} |" for x in ev["transition_excess"]]
+            lines.append("")
     lines += ["## Plots", ""]
     lines += [f"![{title}]({name})  \n*{title}*" for name, title in PLOTS.items()]
     report = root / "report.md"
