@@ -281,3 +281,34 @@ def test_workers_of_a_killed_compare_checkpoint_and_exit(tmp_path, data_cache):
         steps = json.loads((root / "runs" / name / "summary.json").read_text())["steps"]
         assert (root / "runs" / name / "checkpoints" / f"step_{steps:07d}").is_dir() and steps < 1200
     _resumes_and_finishes(root, args)
+
+
+def test_horizon_change_by_hand_from_committed_logs(tmp_path):
+    """`horizon_of`: each paired gap here minus the same gap in the other suite, per seed, with its t
+    interval. Checked on two committed suites (ul2-tiny as 'here', clm-tiny as 'there')."""
+    import math
+    import shutil
+    from pathlib import Path
+
+    from raptr.experiments.report import build_evidence
+
+    results = Path(__file__).resolve().parents[1] / "docs/results"
+    for suite in ("ul2-tiny", "clm-tiny"):
+        (tmp_path / suite).mkdir()
+        shutil.copy(results / suite / "compare.json", tmp_path / suite)
+        for run in ("standard", "standard-seed1", "raptr", "raptr-seed1"):
+            shutil.copytree(results / suite / "runs" / run, tmp_path / suite / "runs" / run)
+    meta = json.loads((tmp_path / "ul2-tiny/compare.json").read_text())
+    (tmp_path / "ul2-tiny/compare.json").write_text(json.dumps({**meta, "horizon_of": "clm-tiny"}))
+    final = {(suite, run): json.loads((tmp_path / suite / "runs" / run / "summary.json").read_text())["final_val_loss"]
+             for suite in ("ul2-tiny", "clm-tiny") for run in ("standard", "standard-seed1", "raptr", "raptr-seed1")}
+    change = [(final["ul2-tiny", f"raptr{s}"] - final["ul2-tiny", f"standard{s}"])
+              - (final["clm-tiny", f"raptr{s}"] - final["clm-tiny", f"standard{s}"]) for s in ("", "-seed1")]
+    mean, half = sum(change) / 2, 12.7062 * abs(change[0] - change[1]) / math.sqrt(2) / math.sqrt(2)
+    hz = build_evidence(tmp_path / "ul2-tiny")["horizon"]
+    assert hz["suite"] == "clm-tiny" and hz["steps"] == 1000
+    row = next(h for h in hz["comparisons"] if h["arm"] == "raptr" and h["against"] == "standard")
+    assert row["n"] == 2 and row["mean_change"] == pytest.approx(mean)
+    assert row["ci95"] == pytest.approx([mean - half, mean + half])
+    assert row["gap_there"] == pytest.approx(sum(final["clm-tiny", f"raptr{s}"] - final["clm-tiny", f"standard{s}"]
+                                                 for s in ("", "-seed1")) / 2)

@@ -57,6 +57,7 @@ class CompareConfig:
     references: list[str] = field(default_factory=list)  # arms every arm is compared with (paired); default [baseline]
     arms: list[Arm] = field(default_factory=list)
     reuse: list[str] = field(default_factory=list)  # other comparisons (same results root) whose finished runs of an identical config are copied, not retrained
+    horizon_of: str = ""  # another comparison (same results root) of these arms at another training length: the report says how each paired gap changed
 
 
 @dataclass

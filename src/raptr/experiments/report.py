@@ -207,6 +207,37 @@ def _mean_or_none(values: list) -> float | None:
     return sum(vals) / len(vals) if vals and len(vals) == len(values) else None
 
 
+def horizon_change(root: Path, other: str, comparisons: list[dict]) -> dict | None:
+    """How each paired gap (arm − reference) changed from the suite ``other`` (the same arms at another
+    training length, in the same results root) to this one: per seed, gap here − gap there, with a 95%
+    t interval over the seeds both suites have. Below 0: the arm gained on the reference here."""
+    other_root = root.parent / other
+    if not (other_root / "runs").is_dir():
+        return None
+    there: dict[str, dict[int, float]] = {}
+    steps = None
+    for r in load_runs(other_root, load_compare_meta(other_root)):
+        if r.finished and isinstance(r.summary.get("final_val_loss"), (int, float)):
+            there.setdefault(r.arm, {})[r.seed] = r.final
+            steps = steps or r.summary.get("total_steps")
+    rows = []
+    for c in comparisons:
+        if c["arm"] not in there or c["against"] not in there:
+            continue
+        gap_there = {s: there[c["arm"]][s] - there[c["against"]][s] for s in there[c["arm"]] if s in there[c["against"]]}
+        change = paired_difference(dict(zip(c["seeds"], c["diffs"])), gap_there)
+        if not change["n"]:
+            continue
+        word = verdict(change)
+        word = {"better": "gains on it here", "worse": "loses ground here"}.get(word, word)
+        rows.append({"arm": c["arm"], "against": c["against"], "n": change["n"], "seeds": change["seeds"],
+                     "gap_there": sum(gap_there[s] for s in change["seeds"]) / change["n"],
+                     "gap_here": sum(dict(zip(c["seeds"], c["diffs"]))[s] for s in change["seeds"]) / change["n"],
+                     "mean_change": change["mean_diff"], "ci95": change["ci95"], "half_width": change["half_width"],
+                     "verdict": word})
+    return {"suite": other, "steps": steps, "comparisons": rows}
+
+
 def build_evidence(root: str | Path) -> dict:
     """Every number of the report, from the committed logs (also written as DIR/evidence.json)."""
     root = Path(root)
@@ -274,6 +305,7 @@ def build_evidence(root: str | Path) -> dict:
         "unigram_val_loss": data.get("unigram_val_loss"), "data": data,
         "step_cost": {k: table[k] for k in ("layers", "seconds", "threads", "note") if k in table} if table else None,
         "arms": arms, "comparisons": comparisons,
+        "horizon": horizon_change(root, cfg.horizon_of, comparisons) if cfg and cfg.horizon_of else None,
         "transitions": (steps := [t for r in finished for t in transitions(r, base_runs.get(r.seed))]),
         "transition_excess": transition_excess(steps),
         "missing": [{"arm": a, "seed": s, "label": lab, "steps_done": partial.get(lab)} for a, s, lab in planned if lab not in done],
@@ -345,6 +377,18 @@ def make_report(root: str | Path) -> Path:
               f"means the interval excludes 0; an interval with half-width above {DECISIVE_HALF_WIDTH} nats that contains "
               "0 cannot decide a claim of that size. *Seeds for ±0.03*: at the paired differences' seed-to-seed sd, the "
               f"least number of seeds whose interval would be ±{DECISIVE_HALF_WIDTH} wide.", ""]
+    hz = ev.get("horizon")
+    if hz and hz["comparisons"]:
+        lines += [f"## The same gaps at another training length ({hz['suite']}, {hz['steps']} steps)", "",
+                  f"Per seed, the paired gap (arm − reference, final val loss) in this suite minus the same gap in "
+                  f"`{hz['suite']}`, 95% t interval over the seeds both have. Below 0: the arm gains on the reference "
+                  "with this training length.", "",
+                  f"| arm | against | seeds | gap in {hz['suite']} | gap here | change | 95% CI | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {h['arm']} | {h['against']} | {h['n']} | {h['gap_there']:+.4f} | {h['gap_here']:+.4f} | "
+                  f"{h['mean_change']:+.4f} | " + ("-" if h["ci95"] is None else f"[{h['ci95'][0]:+.4f}, {h['ci95'][1]:+.4f}]")
+                  + f" | {h['verdict']} |" for h in hz["comparisons"]]
+        lines.append("")
     if ev["transitions"]:
         worst = max(ev["transitions"], key=lambda t: t["change"])
         lines += ["## Stage transitions", "",
