@@ -196,91 +196,135 @@ def test_chained_flop_matching_is_refused(tmp_path):
         load_compare_config(str(cfg))
 
 
-def _signal_suite(tmp_path, data_cache, signum, workers=2):
-    """`raptr compare --workers N` as a real process; once its runs are training (both with 2 workers, the
-    first with 1), send `signum` to the compare process alone (as Kubernetes, or `kill PID`, does)."""
-    import os
+SIGNAL_SUITE = ("name: sig\nbase: clm-tiny-baseline\nseeds: [0, 1]\nbaseline: standard\narms:\n"
+                "  - name: standard\n    set: [method.name=standard]\n"
+                "  - name: raptr\n    set: [method.name=raptr, method.raptr.schedule=3-4-5-6]\n")
+
+
+def _start_suite(tmp_path, data_cache, workers, suite=SIGNAL_SUITE, *extra):
+    """`raptr compare --workers N` as a real process, in a session of its own (so a test can signal the
+    whole group, as Ctrl-C does, and clean up whatever is left)."""
     import subprocess
     import sys
 
-    (tmp_path / "sig.yaml").write_text(
-        "name: sig\nbase: clm-tiny-baseline\nseeds: [0]\nbaseline: standard\narms:\n"
-        "  - name: standard\n    set: [method.name=standard]\n"
-        "  - name: raptr\n    set: [method.name=raptr, method.raptr.schedule=3-4-5-6]\n")
+    (tmp_path / "sig.yaml").write_text(suite)
     over = [o for o in TINY if not o.startswith(("train.steps", "train.checkpoint_every", "train.eval_every"))]
     args = [sys.executable, "-m", "raptr", "compare", "--config", str(tmp_path / "sig.yaml"), "--results",
-            str(tmp_path), "--workers", str(workers), "--quiet", *over, "train.steps=1200", "train.checkpoint_every=600", "train.eval_every=200",
-            "data.tokenizer=bpe", f"data.cache_dir={data_cache}"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    root = tmp_path / "sig"
-    metrics = [root / "runs" / name / "metrics.jsonl" for name in ("standard", "raptr")[:workers]]
-    end = time.time() + 240
-    while not all(m.is_file() and m.read_text().count('"train"') >= 5 for m in metrics):
-        assert proc.poll() is None and time.time() < end, proc.communicate()
-        time.sleep(0.2)
-    os.kill(proc.pid, signum)
-    return proc, root, args
+            str(tmp_path), "--workers", str(workers), "--quiet", *over, "train.steps=3000",
+            "train.checkpoint_every=1500", "train.eval_every=500", "data.tokenizer=bpe", f"data.cache_dir={data_cache}", *extra]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return proc, tmp_path / "sig", args
 
 
-def _resumes_and_finishes(root, args):
-    """The same command again continues both runs from their checkpoints (the logged rows up to there,
-    wall-clock included, are kept: a restart would rewrite them) and finishes them."""
-    import subprocess
-
-    logs = {name: root / "runs" / name / "metrics.jsonl" for name in ("standard", "raptr")}
-    stop = {name: json.loads((log.parent / "summary.json").read_text())["steps"] if log.is_file() else 0
-            for name, log in logs.items()}
-    before = {name: [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= stop[name]]
-              if log.is_file() else [] for name, log in logs.items()}
-    again = subprocess.run(args, capture_output=True, text=True, timeout=600)  # fails if an orphan holds a run's lock
-    assert again.returncode == 0, again.stderr
-    for name, log in logs.items():
-        assert json.loads((log.parent / "summary.json").read_text())["steps"] == 1200
-        assert stop[name] < 1200 and log.read_text().splitlines()[: len(before[name])] == before[name]
+def _wait_until(proc, condition, what, limit=240):
+    end = time.time() + limit
+    while not condition():
+        if proc.poll() is not None or time.time() > end:
+            proc.kill()
+            raise AssertionError(f"{what}: {proc.communicate(timeout=30)}")
+        time.sleep(0.1)
 
 
-@pytest.mark.parametrize("workers", [2, 1])
-def test_sigterm_to_compare_checkpoints_every_worker_and_resumes(tmp_path, data_cache, workers):
-    """With workers, every running run checkpoints; with one (in-process) the suite stops there instead of
-    starting its next run."""
+def _training(root, name, steps=5):
+    m = root / "runs" / name / "metrics.jsonl"
+    return m.is_file() and m.read_text().count('"train"') >= steps
+
+
+def _cleanup(proc):
+    import os
     import signal
 
-    proc, root, args = _signal_suite(tmp_path, data_cache, signal.SIGTERM, workers)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("stopped by SIGTERM: ") and "run the same command again to resume" in last
-    running = ("standard", "raptr")[:workers]
-    assert all(name in last for name in running) and "Traceback" not in err
-    assert sorted(p.name for p in (root / "runs").iterdir()) == sorted(running)  # nothing more started
-    for name in running:  # each stopped at a step boundary with a checkpoint there
-        steps = json.loads((root / "runs" / name / "summary.json").read_text())["steps"]
-        assert 5 <= steps < 1200
-        assert (root / "runs" / name / "checkpoints" / f"step_{steps:07d}").is_dir()
-    _resumes_and_finishes(root, args)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group: orphaned workers too, if a test failed
+    except ProcessLookupError:
+        pass
+
+
+def _stopped_with_checkpoint(root, name):
+    from raptr.training.runfiles import RunLock
+
+    steps = json.loads((root / "runs" / name / "summary.json").read_text())["steps"]
+    assert 5 <= steps < 3000 and (root / "runs" / name / "checkpoints" / f"step_{steps:07d}").is_dir()
+    RunLock(root / "runs" / name).acquire().release()  # no process holds the run any more
+
+
+@pytest.mark.parametrize("workers,to", [(2, "parent"), (1, "parent"), (2, "group")])
+def test_a_signal_to_compare_checkpoints_every_running_run_and_starts_nothing(tmp_path, data_cache, workers, to):
+    """SIGTERM to the compare process alone (Kubernetes, `kill PID`) is passed on to its workers; Ctrl-C
+    (SIGINT to the whole group) reaches them too. Every running run finishes its step and checkpoints, no
+    queued run starts, and the command exits 128+N with one line naming what to do."""
+    import os
+    import signal
+
+    proc, root, _ = _start_suite(tmp_path, data_cache, workers)
+    try:
+        running = ("standard", "raptr")[:workers]
+        _wait_until(proc, lambda: all(_training(root, n) for n in running), "the first runs never trained")
+        signum = signal.SIGTERM if to == "parent" else signal.SIGINT
+        os.kill(proc.pid, signum) if to == "parent" else os.killpg(proc.pid, signum)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signum, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"stopped by {signal.Signals(signum).name}: ") and last.endswith(
+            "run the same command again to resume")
+        assert all(name in last for name in running) and "Traceback" not in err
+        assert sorted(p.name for p in (root / "runs").iterdir()) == sorted(running)  # seed 1 never started
+        for name in running:
+            _stopped_with_checkpoint(root, name)
+    finally:
+        _cleanup(proc)
+
+
+def test_a_signal_with_an_idle_worker_still_stops_cleanly(tmp_path, data_cache):
+    """A worker that finished its run and waits for none (the tail of a suite) is signalled too: it must
+    not break the pool under the worker that is checkpointing."""
+    import os
+    import signal
+
+    suite = ("name: sig\nbase: clm-tiny-baseline\nseeds: [0]\nbaseline: standard\narms:\n"
+             "  - name: standard\n    set: [method.name=standard]\n"
+             "  - name: short\n    set: [method.name=standard, train.steps=10, train.checkpoint_every=10]\n")
+    proc, root, _ = _start_suite(tmp_path, data_cache, 2, suite)
+    try:
+        done = root / "runs/short/summary.json"
+        _wait_until(proc, lambda: _training(root, "standard") and done.is_file()
+                    and json.loads(done.read_text())["steps"] == 10, "the short run never finished")
+        time.sleep(1.0)  # its worker is idle now
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+        assert "standard stopped at a step boundary" in err.strip().splitlines()[-1]
+        _stopped_with_checkpoint(root, "standard")
+    finally:
+        _cleanup(proc)
 
 
 def test_workers_of_a_killed_compare_checkpoint_and_exit(tmp_path, data_cache):
     """SIGKILL leaves no chance to pass a signal on: the workers notice their parent is gone, checkpoint
-    and exit, instead of training on as orphans that hold the runs' locks."""
+    and exit, instead of training on as orphans that hold the runs' locks; the same command resumes."""
+    import os
     import signal
+    import subprocess
 
     from raptr.training.runfiles import RunLock
 
-    proc, root, args = _signal_suite(tmp_path, data_cache, signal.SIGKILL)
-    proc.communicate(timeout=60)
-    end = time.time() + 120
-    for name in ("standard", "raptr"):
-        while True:  # the lock is free once the orphaned worker has checkpointed and exited
-            try:
-                RunLock(root / "runs" / name).acquire().release()
-                break
-            except RaptrError:
-                assert time.time() < end, f"{name}: its worker still runs after its parent was killed"
-                time.sleep(0.5)
-        steps = json.loads((root / "runs" / name / "summary.json").read_text())["steps"]
-        assert (root / "runs" / name / "checkpoints" / f"step_{steps:07d}").is_dir() and steps < 1200
-    _resumes_and_finishes(root, args)
+    proc, root, args = _start_suite(tmp_path, data_cache, 2)
+    try:
+        _wait_until(proc, lambda: _training(root, "standard") and _training(root, "raptr"), "the runs never trained")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=120)  # returns once the workers, which hold its pipes, have exited
+        for name in ("standard", "raptr"):
+            _stopped_with_checkpoint(root, name)
+        log = root / "runs/standard/metrics.jsonl"
+        stop = json.loads((root / "runs/standard/summary.json").read_text())["steps"]
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= stop]
+        again = subprocess.run(args + ["--only", "standard", "--seeds", "0"], capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr
+        assert json.loads((root / "runs/standard/summary.json").read_text())["steps"] == 3000
+        assert log.read_text().splitlines()[: len(kept)] == kept  # resumed: the rows up to the stop (wall-clock too) kept
+        RunLock(root / "runs/raptr").acquire().release()
+    finally:
+        _cleanup(proc)
 
 
 def test_horizon_change_by_hand_from_committed_logs(tmp_path):
@@ -312,3 +356,6 @@ def test_horizon_change_by_hand_from_committed_logs(tmp_path):
     assert row["ci95"] == pytest.approx([mean - half, mean + half])
     assert row["gap_there"] == pytest.approx(sum(final["clm-tiny", f"raptr{s}"] - final["clm-tiny", f"standard{s}"]
                                                  for s in ("", "-seed1")) / 2)
+    (tmp_path / "ul2-tiny/compare.json").write_text(json.dumps({**meta, "horizon_of": "clm-tiny-4000"}))
+    hz = build_evidence(tmp_path / "ul2-tiny")["horizon"]
+    assert hz["comparisons"] == [] and "no suite 'clm-tiny-4000'" in hz["note"]

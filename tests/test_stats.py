@@ -96,7 +96,7 @@ def test_transition_spike_test_by_hand():
         {"arm": "raptr", "seed": 0, "change": 0.00, "baseline_change": -0.04},
         {"arm": "raptr", "seed": 1, "change": -0.01, "baseline_change": -0.02},
         {"arm": "raptr", "seed": 1, "change": 0.50, "baseline_change": None},
-        {"arm": "raptr", "seed": 1, "change": 0.30, "baseline_change": 0.0, "grows": False},  # a warm-up's end: left out
+        {"arm": "raptr", "seed": 1, "change": 0.30, "baseline_change": 0.0, "subnetwork": "shrinks"},  # a warm-up's end: left out
         {"arm": "stacking", "seed": 0, "change": 0.10, "baseline_change": 0.0},
     ]
     raptr, stacking = transition_excess(rows)

@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -248,32 +249,59 @@ def _steps_for(run: PlannedRun, summaries: dict[str, dict]) -> list[str]:
     return run.overrides + [f"train.steps={max(1, round(target['total_steps'] * target['relative_flops']))}"]
 
 
-_PARENT: int | None = None  # in a --workers process: the pid of the compare process that started it
+# Worker-process state (--workers > 1): the compare process's pid, a signal received outside a run,
+# and whether a run is in progress.
+_PARENT: int | None = None
+_STOP: int | None = None
+_RUNNING = False
 
 
-def _watch_parent(parent: int) -> None:
-    """Worker initializer. If the compare process dies without passing a signal on (SIGKILL, or a
-    SIGTERM sent to it alone), the run stops as on SIGTERM (finish the step, checkpoint) instead of
-    training on as an orphan that holds the run's lock."""
+def _init_worker(parent: int) -> None:
+    """Pool-worker initializer. Outside a run a signal only marks the worker as stopping (default
+    handlers would kill it and break the pool for the runs that are checkpointing); inside one the
+    trainer's own handlers take over. If the compare process dies without passing a signal on
+    (SIGKILL, or a SIGTERM to it alone), a running run stops as on SIGTERM (finish the step,
+    checkpoint) and an idle worker exits, instead of living on as an orphan holding a run's lock."""
     global _PARENT
     _PARENT = parent
+
+    def mark(signum, frame):
+        global _STOP
+        _STOP = signum
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, mark)
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
+        if not _RUNNING:
+            os._exit(0)
+        os.kill(os.getpid(), signal.SIGTERM)  # _fit_run exits the process once the run has stopped
 
     threading.Thread(target=watch, daemon=True, name="raptr-parent-watch").start()
 
 
 def _fit_run(base: str, overrides: list[str], progress: bool, deadline: float | None) -> dict:
     """One run, start to finish (or resumed); in a worker process with --workers > 1."""
+    global _RUNNING
+    _RUNNING, code = True, 1
     try:
-        return build_trainer(load_config(base, overrides), progress=progress).fit(deadline=deadline)
+        if _STOP is not None:
+            raise Preempted(f"stopped by {signal.Signals(_STOP).name} before it started", _STOP)
+        trainer = build_trainer(load_config(base, overrides), progress=progress)
+        if _STOP is not None:  # a signal while it was being built: stop at the first step boundary
+            trainer._signal = _STOP
+        summary = trainer.fit(deadline=deadline)
+        code = 0
+        return summary
     except Preempted as e:
-        if _PARENT is not None and os.getppid() != _PARENT:
-            os._exit(e.exit_code)  # orphaned, checkpoint written: nobody is left to take the result
+        code = e.exit_code
         raise
+    finally:
+        _RUNNING = False
+        if _PARENT is not None and os.getppid() != _PARENT:
+            os._exit(code)  # orphaned: the run has stopped (with a checkpoint); nobody is left to take the result
 
 
 def run_compare(cfg: CompareConfig, results_dir: str | Path = "results", progress: bool = True, workers: int = 1,
@@ -361,27 +389,31 @@ def _execute(cfg: CompareConfig, todo: list[PlannedRun], configs: dict, summarie
                dynamic_ncols=True, mininterval=2.0)
     shown = {r.label: last_step(configs[r.label].out_dir) for r in todo}
     bar.update(sum(shown.values()))
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_watch_parent,
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                                initargs=(os.getpid(),)) if workers > 1 else None
     running: dict = {}  # future -> run
     queue = list(todo)
     failed: dict[str, str] = {}
 
-    stopped: dict[str, Preempted] = {}  # runs a signal stopped (with a checkpoint)
+    stopped: dict[str, Preempted] = {}  # runs a signal stopped (each with its trainer's message)
     signalled: list[int] = []
+    told: set[int] = set()  # workers the signal has been passed to
 
     def out_of_time() -> bool:
         return bool(signalled or stopped) or (deadline is not None and time.time() > deadline)
 
     def on_signal(signum, frame):
-        """SIGTERM/SIGINT to the compare process: start nothing more, and have every worker finish its
-        step and checkpoint (Ctrl-C reaches them too; a SIGTERM from SLURM/Kubernetes may not)."""
+        """SIGTERM/SIGINT to the compare process: start nothing more; the loop passes SIGTERM on to every
+        worker (Ctrl-C reaches them too; a SIGTERM from Kubernetes or `kill PID` does not)."""
         if signalled and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         signalled.append(signum)
-        tqdm.write(f"{signal.Signals(signum).name}: the running runs finish their step and checkpoint")
+
+    def pass_on() -> None:
         for child in multiprocessing.active_children():
-            os.kill(child.pid, signal.SIGTERM)
+            if child.pid not in told:
+                told.add(child.pid)
+                child.terminate()  # SIGTERM; a worker that has just exited is ignored
 
     handlers = {}
     if pool is not None and threading.current_thread() is threading.main_thread():
@@ -415,13 +447,19 @@ def _execute(cfg: CompareConfig, todo: list[PlannedRun], configs: dict, summarie
                 break  # budget spent, or the rest waits for runs that failed
             if not running:
                 continue
-            done, _ = wait(list(running), timeout=5.0, return_when=FIRST_COMPLETED)
+            if signalled:
+                pass_on()
+            done, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
             for future in done:
                 run = running.pop(future)
                 try:
                     _finish(run, future.result(), summaries, bar, shown, configs)
                 except Preempted as e:
                     stopped[run.label] = e
+                except BrokenProcessPool:  # a worker killed outside its run: that run resumes next time
+                    if not signalled:
+                        raise
+                    stopped[run.label] = Preempted(f"{run.label}: its worker was stopped", signalled[0])
                 except RaptrError as e:
                     _failed(run, e, failed)
             for r in running.values():
@@ -431,15 +469,19 @@ def _execute(cfg: CompareConfig, todo: list[PlannedRun], configs: dict, summarie
             bar.set_postfix_str(" ".join(f"{r.label}:{shown.get(r.label, 0)}/{configs[r.label].train.steps}"
                                          for r in running.values()), refresh=False)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        for signum, old in handlers.items():
-            signal.signal(signum, old)
-        bar.close()
-    if stopped or signalled:
+        try:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            for signum, old in handlers.items():
+                signal.signal(signum, old)
+            bar.close()
+    if stopped or (signalled and queue):
         signum = (signalled or [next(iter(stopped.values())).signum])[0]
         raise Preempted(f"stopped by {signal.Signals(signum).name}: "
-                        + (f"{', '.join(stopped)} checkpointed; " if stopped else "")
+                        + (f"{', '.join(stopped)} stopped at a step boundary (each resumes from its last checkpoint); "
+                           if stopped else "")
+                        + (f"failed: {'; '.join(f'{k}: {v}' for k, v in failed.items())}; " if failed else "")
                         + "run the same command again to resume", signum)
     return failed
 

@@ -167,7 +167,7 @@ def transitions(run: Run, base: Run | None = None) -> list[dict]:
         work = [sum(t.get("layers_run", 0) * t.get("fraction", 1.0) for t in w) / len(w)
                 for w in (rows[max(0, i - TRANSITION_WINDOW):i], rows[i:i + TRANSITION_WINDOW])]
         out.append({"arm": run.arm, "seed": run.seed, "step": rows[i - 1]["step"], "to_stage": rows[i]["stage"],
-                    "grows": work[1] > work[0],  # a larger subnetwork after it (a full warm-up's end shrinks)
+                    "subnetwork": "grows" if work[1] > work[0] else "shrinks" if work[1] < work[0] else "same",
                     "train_before": sum(before) / len(before), "train_after": sum(after) / len(after),
                     "change": sum(after) / len(after) - sum(before) / len(before), "val_at_boundary": at,
                     "baseline_change": None if base is None else _window_change(base, rows[i - 1]["step"])})
@@ -179,7 +179,7 @@ def transition_excess(rows: list[dict]) -> list[dict]:
     moving to larger subnetworks; leaving a full-model warm-up for a smaller one is expected to cost)
     of (change − the baseline's change over the same steps), paired over seeds with a 95% t interval.
     A spike is an interval above 0."""
-    rows = [t for t in rows if t.get("grows", True)]
+    rows = [t for t in rows if t.get("subnetwork", "grows") == "grows"]
     out = []
     for arm in dict.fromkeys(t["arm"] for t in rows):
         own, base = {}, {}
@@ -212,14 +212,17 @@ def horizon_change(root: Path, other: str, comparisons: list[dict]) -> dict | No
     training length, in the same results root) to this one: per seed, gap here − gap there, with a 95%
     t interval over the seeds both suites have. Below 0: the arm gained on the reference here."""
     other_root = root.parent / other
-    if not (other_root / "runs").is_dir():
-        return None
+    if other_root.resolve() == root.resolve() or not (other_root / "runs").is_dir():
+        return {"suite": other, "steps": None, "comparisons": [],
+                "note": f"horizon_of: no suite '{other}' beside this one ({other_root}) to compare with"}
+    other_cfg = load_compare_meta(other_root)
     there: dict[str, dict[int, float]] = {}
     steps = None
-    for r in load_runs(other_root, load_compare_meta(other_root)):
+    for r in load_runs(other_root, other_cfg):
         if r.finished and isinstance(r.summary.get("final_val_loss"), (int, float)):
             there.setdefault(r.arm, {})[r.seed] = r.final
-            steps = steps or r.summary.get("total_steps")
+            if r.arm == (other_cfg.baseline if other_cfg else r.arm):
+                steps = r.summary.get("total_steps")
     rows = []
     for c in comparisons:
         if c["arm"] not in there or c["against"] not in there:
@@ -375,9 +378,11 @@ def make_report(root: str | Path) -> Path:
     lines += ["", "Negative = the arm reached a lower loss. Intervals are t intervals over the paired per-seed differences "
               f"(t quantiles {', '.join(f'df={d}: {t975(d):.3f}' for d in (1, 2, 3))}). A verdict of *better*/*worse* "
               f"means the interval excludes 0; an interval with half-width above {DECISIVE_HALF_WIDTH} nats that contains "
-              "0 cannot decide a claim of that size. *Seeds for ±0.03*: at the paired differences' seed-to-seed sd, the "
-              f"least number of seeds whose interval would be ±{DECISIVE_HALF_WIDTH} wide.", ""]
+              "0 cannot decide a claim of that size; *~N seeds* is the total number of seeds whose interval would be "
+              f"±{DECISIVE_HALF_WIDTH} wide at the paired differences' measured seed-to-seed sd.", ""]
     hz = ev.get("horizon")
+    if hz and hz.get("note"):
+        lines += [f"*{hz['note']}.*", ""]
     if hz and hz["comparisons"]:
         lines += [f"## The same gaps at another training length ({hz['suite']}, {hz['steps']} steps)", "",
                   f"Per seed, the paired gap (arm − reference, final val loss) in this suite minus the same gap in "
@@ -397,7 +402,7 @@ def make_report(root: str | Path) -> Path:
                   f"{len(ev['transitions'])} boundaries of {len({(t['arm'], t['seed']) for t in ev['transitions']})} runs:", "",
                   f"| arm | seed | boundary step | to stage | subnetwork | train loss before | after | change | {ev['baseline']}'s change, same steps |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {t['arm']} | {t['seed']} | {t['step']} | {t['to_stage']} | {'grows' if t.get('grows', True) else 'shrinks'} | {t['train_before']:.4f} | "
+        lines += [f"| {t['arm']} | {t['seed']} | {t['step']} | {t['to_stage']} | {t.get('subnetwork', '-')} | {t['train_before']:.4f} | "
                   f"{t['train_after']:.4f} | {t['change']:+.4f} | {_f(t['baseline_change'], '+.4f')} |" for t in ev["transitions"]]
         lines += ["", f"Largest change: {worst['change']:+.4f} ({worst['arm']}, seed {worst['seed']}, step {worst['step']}).", ""]
         if ev["transition_excess"]:
@@ -422,6 +427,8 @@ def _decides(c: dict) -> str:
     if c["decisive"]:
         return "yes"
     n = c.get("seeds_for_decisive_half_width")
+    if not c["n"]:
+        return "no paired runs"
     if c["ci95"] is None:
         return "no: one seed, add seeds"
     return f"no: ~{n} seeds for ±{DECISIVE_HALF_WIDTH}" if n else f"no: over 1000 seeds for ±{DECISIVE_HALF_WIDTH}"
