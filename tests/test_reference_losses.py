@@ -2,7 +2,11 @@
 
 The fixture was written by ``tests/scripts/reference_losses.py`` (CPU, one thread, the shipped
 Austen chapters) before the method protocol was restructured; rewrite it only after a deliberate
-change of numerics, and say so in the commit.
+change of numerics, and say so in the commit. Bitwise equality holds on the kind of CPU the fixture
+was written on (float32 kernels differ by vector width and vendor: an AMD EPYC gives differences of
+~1e-7 from step 2 on). A trace recorded with its CPU (``"cpu"``) must match bitwise there; elsewhere,
+and for the first traces (written before the CPU was recorded), it must match to a relative 1e-5,
+which any change of paths, masks, scaling or order of layers exceeds by orders of magnitude.
 """
 
 import json
@@ -28,4 +32,8 @@ def test_fixture_covers_every_builtin_method():
 def test_losses_are_bitwise_the_reference(name, data_cache, tmp_path):
     assert FIXTURE[name]["overrides"] == ref.CASES[name]
     losses = ref.run_case(name, data_cache, str(tmp_path))
-    assert losses == FIXTURE[name]["losses"]  # exact float equality, step by step
+    expected = FIXTURE[name]["losses"]
+    if FIXTURE[name].get("cpu") == ref.cpu_signature():
+        assert losses == expected  # exact float equality, step by step
+    else:
+        assert losses == pytest.approx(expected, rel=1e-5, abs=0)

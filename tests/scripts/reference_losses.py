@@ -44,6 +44,18 @@ CASES = {
 }
 
 
+def cpu_signature() -> str:
+    """What float32 kernels a loss trace depends on: bitwise equality holds only on the same kind of CPU
+    (vector width, vendor kernels) with the same torch."""
+    import platform
+
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return f"{platform.machine()} {model}; torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
+
+
 def run_case(name: str, cache_dir: str, out_root: str) -> list[float]:
     from raptr.training.build import build_trainer
     from raptr.training.config import load_config
@@ -60,7 +72,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in CASES:
             if name not in out:
-                out[name] = {"overrides": CASES[name], "losses": run_case(name, f"{tmp}/data", f"{tmp}/runs")}
+                out[name] = {"overrides": CASES[name], "losses": run_case(name, f"{tmp}/data", f"{tmp}/runs"),
+                             "cpu": cpu_signature()}
     FIXTURE.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {FIXTURE} ({len(out)} runs)", file=sys.stderr)
 
