@@ -161,11 +161,10 @@ def transitions(run: Run, base: Run | None = None) -> list[dict]:
     for i in range(1, len(rows)):
         if rows[i]["stage"] == rows[i - 1]["stage"]:
             continue
-        before = [t["loss"] for t in rows[max(0, i - TRANSITION_WINDOW):i]]
-        after = [t["loss"] for t in rows[i:i + TRANSITION_WINDOW]]
+        windows = (rows[max(0, i - TRANSITION_WINDOW):i], rows[i:i + TRANSITION_WINDOW])
+        before, after = ([t["loss"] for t in w] for w in windows)
         at = next((e["val_loss"] for e in run.eval if e["step"] == rows[i - 1]["step"]), None)
-        work = [sum(t.get("layers_run", 0) * t.get("fraction", 1.0) for t in w) / len(w)
-                for w in (rows[max(0, i - TRANSITION_WINDOW):i], rows[i:i + TRANSITION_WINDOW])]
+        work = [sum(t.get("layers_run", 0) * t.get("fraction", 1.0) for t in w) / len(w) for w in windows]
         out.append({"arm": run.arm, "seed": run.seed, "step": rows[i - 1]["step"], "to_stage": rows[i]["stage"],
                     "subnetwork": "grows" if work[1] > work[0] else "shrinks" if work[1] < work[0] else "same",
                     "train_before": sum(before) / len(before), "train_after": sum(after) / len(after),
@@ -372,8 +371,7 @@ def make_report(root: str | Path) -> Path:
               "", "## Paired comparisons (final full-model val loss, arm − reference, same seeds)", "",
               "| arm | against | n | mean diff | 95% CI | verdict | decides a 0.03-nat claim? |", "|---|---|---|---|---|---|---|"]
     for c in ev["comparisons"]:
-        ci = "-" if c["ci95"] is None else f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
-        lines.append(f"| {c['arm']} | {c['against']} | {c['n']} | {_f(c['mean_diff'], '+.4f')} | {ci} | {c['verdict']} "
+        lines.append(f"| {c['arm']} | {c['against']} | {c['n']} | {_f(c['mean_diff'], '+.4f')} | {_ci(c)} | {c['verdict']} "
                      f"| {_decides(c)} |")
     lines += ["", "Negative = the arm reached a lower loss. Intervals are t intervals over the paired per-seed differences "
               f"(t quantiles {', '.join(f'df={d}: {t975(d):.3f}' for d in (1, 2, 3))}). A verdict of *better*/*worse* "
@@ -391,8 +389,7 @@ def make_report(root: str | Path) -> Path:
                   f"| arm | against | seeds | gap in {hz['suite']} | gap here | change | 95% CI | verdict |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {h['arm']} | {h['against']} | {h['n']} | {h['gap_there']:+.4f} | {h['gap_here']:+.4f} | "
-                  f"{h['mean_change']:+.4f} | " + ("-" if h["ci95"] is None else f"[{h['ci95'][0]:+.4f}, {h['ci95'][1]:+.4f}]")
-                  + f" | {h['verdict']} |" for h in hz["comparisons"]]
+                  f"{h['mean_change']:+.4f} | {_ci(h)} | {h['verdict']} |" for h in hz["comparisons"]]
         lines.append("")
     if ev["transitions"]:
         worst = max(ev["transitions"], key=lambda t: t["change"])
@@ -411,9 +408,8 @@ def make_report(root: str | Path) -> Path:
                       "above 0). Boundaries to a smaller subnetwork (the end of a full-model warm-up) are left out: "
                       "losing layers is expected to cost.", "",
                       "| arm | seeds | mean excess | 95% CI | verdict |", "|---|---|---|---|---|"]
-            lines += [f"| {x['arm']} | {x['n']} | {x['mean_diff']:+.4f} | "
-                      + ("-" if x["ci95"] is None else f"[{x['ci95'][0]:+.4f}, {x['ci95'][1]:+.4f}]")
-                      + f" | {x['verdict']} |" for x in ev["transition_excess"]]
+            lines += [f"| {x['arm']} | {x['n']} | {x['mean_diff']:+.4f} | {_ci(x)} | {x['verdict']} |"
+                      for x in ev["transition_excess"]]
             lines.append("")
     lines += ["## Plots", ""]
     lines += [f"![{title}]({name})  \n*{title}*" for name, title in PLOTS.items()]
@@ -421,6 +417,10 @@ def make_report(root: str | Path) -> Path:
     report.write_text("\n".join(lines) + "\n")
     _plots(ev, runs, by_arm, root)
     return report
+
+
+def _ci(row: dict) -> str:
+    return "-" if row["ci95"] is None else f"[{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}]"
 
 
 def _decides(c: dict) -> str:
