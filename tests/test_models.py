@@ -133,6 +133,35 @@ def test_reference_model_flops_match_flop_counter(causal):
     assert skipped_total == pytest.approx(analytic.train_step(2, 2), rel=0.02)
 
 
+def test_fixed_none_skips_first_and_last_layers_exactly():
+    """With fixed='none' (the schedules suite's no-fixed-layers arm) the first and last blocks are
+    drawn like any other, and skipping them is the reference model without them, gradients included."""
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(vocab_size=V, d_model=32, n_layers=4, n_heads=2, d_ff=64, max_seq_len=T, causal=True))
+    plain = copy.deepcopy(model)
+    rp = raptr.wrap(model, schedule="2-4", total_steps=10, fixed="none")
+    runs = [sum(rp.sampler.sample(step, 0.5)[i] for step in range(2000)) / 2000 for i in (0, 3)]
+    assert all(abs(f - 0.5) < 4 * (0.25 / 2000) ** 0.5 for f in runs), runs
+    ids = torch.randint(0, V, (2, T))
+    for active in ([False, True, True, True], [True, True, True, False], [False, True, False, False]):
+        rp.gates.set_path(active)
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids)
+        loss.backward()
+        shallow = copy.deepcopy(plain)
+        shallow.blocks = nn.ModuleList(b for b, run in zip(shallow.blocks, active) if run)
+        want = shallow(ids, labels=ids)
+        want.backward()
+        torch.testing.assert_close(loss, want)
+        kept = iter(shallow.blocks)
+        for block, run in zip(model.blocks, active):
+            if not run:
+                assert all(p.grad is None for p in block.parameters())
+            else:
+                for p, q in zip(block.parameters(), next(kept).parameters()):
+                    torch.testing.assert_close(p.grad, q.grad)
+
+
 def test_prefix_lm_mask_and_stability_switches():
     from raptr.models.reference import prefix_lm_mask
 
