@@ -107,3 +107,33 @@ def test_transition_spike_test_by_hand():
     assert stacking["n"] == 1 and stacking["ci95"] is None and stacking["verdict"] == "one seed: no interval"
     spike = transition_excess([{"arm": "a", "seed": s, "change": 0.1 + s / 100, "baseline_change": 0.0} for s in range(3)])
     assert spike[0]["verdict"] == "spike"
+
+
+def test_training_health_by_hand(tmp_path):
+    """Largest logged (pre-clip) gradient norm, non-finite ones ignored; first eval 0.5 nats below the plateau."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from raptr.experiments.report import Run, build_evidence, make_report, training_health
+
+    run = Run("r", "raptr", 0, {}, train=[{"grad_norm": 1.5}, {"grad_norm": 7.25}, {"grad_norm": float("nan")}, {"loss": 3.0}],
+              eval=[{"step": 0, "val_loss": 8.3}, {"step": 50, "val_loss": 6.30}, {"step": 100, "val_loss": 6.26}])
+    assert training_health(run, 6.764) == {"max_grad_norm": 7.25, "plateau_exit_step": 100}  # 6.26 <= 6.264 < 6.30
+    assert training_health(run, 6.9)["plateau_exit_step"] == 50  # 6.30 <= 6.4
+    assert training_health(run, 6.7)["plateau_exit_step"] is None  # 6.26 > 6.2: never left it
+    assert training_health(run, None) == {"max_grad_norm": 7.25, "plateau_exit_step": None}
+
+    # on committed logs: the values in evidence.json are those of each run's own metrics
+    src = Path(__file__).resolve().parents[1] / "docs/results/schedules"
+    for name in ("standard", "6-8-10-12-nofixed"):
+        shutil.copytree(src / "runs" / name, tmp_path / "runs" / name, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    shutil.copy(src / "data.json", tmp_path)
+    plateau = json.loads((src / "data.json").read_text())["unigram_val_loss"]
+    ev = build_evidence(tmp_path)
+    for arm in ev["arms"]:
+        rows = [json.loads(line) for line in (tmp_path / "runs" / arm["arm"] / "metrics.jsonl").read_text().splitlines()]
+        assert arm["max_grad_norm_per_seed"] == [max(r["grad_norm"] for r in rows if r["kind"] == "train")]
+        first = min(r["step"] for r in rows if r["kind"] == "eval" and r["val_loss"] <= plateau - 0.5)
+        assert arm["plateau_exit_step_per_seed"] == [first]
+    assert "## Training health" in make_report(tmp_path).read_text()

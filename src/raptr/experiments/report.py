@@ -201,6 +201,18 @@ def _baseline_flops_to(base: Run, run: Run) -> float | None:
     return None if at is None else at / run.summary["flops"]
 
 
+PLATEAU_MARGIN = 0.5  # nats below the unigram plateau that count as having left it
+
+
+def training_health(run: Run, plateau: float | None) -> dict:
+    """How a run's early training went: its largest logged gradient norm (before clipping; train rows are
+    logged every ``log_every`` steps) and the first evaluation step whose full-model val loss is
+    PLATEAU_MARGIN below the unigram plateau (None: never, or no plateau known)."""
+    norms = [r["grad_norm"] for r in run.train if isinstance(r.get("grad_norm"), (int, float)) and math.isfinite(r["grad_norm"])]
+    left = None if plateau is None else next((e["step"] for e in run.eval if e["val_loss"] <= plateau - PLATEAU_MARGIN), None)
+    return {"max_grad_norm": max(norms) if norms else None, "plateau_exit_step": left}
+
+
 def _mean_or_none(values: list) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals and len(vals) == len(values) else None
@@ -256,6 +268,8 @@ def build_evidence(root: str | Path) -> dict:
     if not base_runs:
         raise RaptrError(f"the baseline arm '{baseline}' has no finished run yet: run it first "
                          f"(raptr compare ... --only {baseline})")
+    data = _read_json(root / "data.json") or {}
+    plateau = data.get("unigram_val_loss")
     arms = []
     for name in _arm_order(cfg, finished):
         seeds = by_arm.get(name, {})
@@ -270,6 +284,7 @@ def build_evidence(root: str | Path) -> dict:
         # arm's FLOPs (> 1: the arm got there cheaper; < 1: its savings did not pay).
         reverse = [_baseline_flops_to(base_runs[s], seeds[s]) for s in paired]
         method = seeds[min(seeds)].summary.get("method")
+        health = [training_health(seeds[s], plateau) for s in sorted(seeds)]
         arms.append({
             "arm": name, "method": method, "seeds": sorted(seeds), "steps": [seeds[s].summary["steps"] for s in sorted(seeds)],
             "rel_flops": sum(rel) / len(rel) if rel else None, "rel_flops_per_seed": rel, "ratio_seeds": paired,
@@ -282,6 +297,8 @@ def build_evidence(root: str | Path) -> dict:
             "time_to_target_wallclock_ratio_calibrated": _mean_or_none([t["wallclock_ratio_calibrated"] for t in ttt]),
             "wallclock_ratio_raw": _mean_or_none([seeds[s].summary["train_seconds"] / base_runs[s].summary["train_seconds"]
                                                   for s in paired]) if paired else None,
+            "max_grad_norm_per_seed": [h["max_grad_norm"] for h in health],
+            "plateau_exit_step_per_seed": [h["plateau_exit_step"] for h in health],
             "git_commits": sorted({str(seeds[s].summary.get("git_commit")) for s in seeds}),
         })
     references = [r for r in (cfg.references if cfg else [baseline]) if r in by_arm]
@@ -299,12 +316,11 @@ def build_evidence(root: str | Path) -> dict:
     planned = [(arm.name, s, run_label(arm, s, cfg)) for arm in cfg.arms for s in arm_seeds(cfg, arm)] if cfg else []
     done = {r.label for r in finished}
     partial = {lab: last_step(root / "runs" / lab) for _, _, lab in planned if lab not in done and (root / "runs" / lab).is_dir()}
-    data = _read_json(root / "data.json") or {}
     table = step_cost(root)
     return {
         "name": cfg.name if cfg else root.name, "base": cfg.base if cfg else None,
         "overrides": cfg.overrides if cfg else [], "baseline": baseline, "references": references,
-        "unigram_val_loss": data.get("unigram_val_loss"), "data": data,
+        "unigram_val_loss": plateau, "data": data, "plateau_margin": PLATEAU_MARGIN,
         "step_cost": {k: table[k] for k in ("layers", "seconds", "threads", "note") if k in table} if table else None,
         "arms": arms, "comparisons": comparisons,
         "horizon": horizon_change(root, cfg.horizon_of, comparisons) if cfg and cfg.horizon_of else None,
@@ -378,6 +394,16 @@ def make_report(root: str | Path) -> Path:
               f"means the interval excludes 0; an interval with half-width above {DECISIVE_HALF_WIDTH} nats that contains "
               "0 cannot decide a claim of that size; *~N seeds* is the total number of seeds whose interval would be "
               f"±{DECISIVE_HALF_WIDTH} wide at the paired differences' measured seed-to-seed sd.", ""]
+    lines += ["## Training health", "",
+              f"Per seed: the largest gradient norm logged (before clipping, every logged step) and the first evaluation "
+              f"step at which the full-model val loss was {PLATEAU_MARGIN} nats below the unigram plateau "
+              "(*never*: not within the run; *-*: no plateau known). Where the final losses of two arms differ, these "
+              "say whether the difference was made at the start (one arm left the plateau later).", "",
+              "| arm | max grad norm per seed | leaves the plateau at step, per seed |", "|---|---|---|"]
+    for a in ev["arms"]:
+        exits = ["-" if plateau is None else ("never" if s is None else str(s)) for s in a["plateau_exit_step_per_seed"]]
+        lines.append(f"| {a['arm']} | {', '.join(_f(g, '.2f') for g in a['max_grad_norm_per_seed'])} | {', '.join(exits)} |")
+    lines.append("")
     hz = ev.get("horizon")
     if hz and hz.get("note"):
         lines += [f"*{hz['note']}.*", ""]
