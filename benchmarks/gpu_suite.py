@@ -1,6 +1,7 @@
-"""The GPU path, measured in one command: correctness on CUDA, skip speed (eager and per-block
-compiled, bf16), whole-schedule wall-clock vs FLOPs per method, throughput and MFU against the HF
-Trainer, and recompilations over a run with changing paths.
+"""The GPU path, measured in one command: correctness on CUDA, activation memory per path length,
+skip speed (eager and per-block compiled, bf16), whole-model ``torch.compile`` with changing paths,
+whole-schedule wall-clock vs FLOPs per method, throughput and MFU against the HF Trainer, and
+recompilations over a run with changing paths.
 
     PYTHONPATH=src python3 benchmarks/gpu_suite.py --out docs/results/gpu        # one CUDA GPU, <= 8 min
     python benchmarks/gpu_suite.py --dry-run --out /tmp/gpu-dry                    # CPU, tiny sizes, seconds
@@ -8,12 +9,14 @@ Trainer, and recompilations over a run with changing paths.
 Writes ``OUT/gpu_suite.json`` (every measurement) and ``OUT/gpu_suite.md`` (the tables). Needs
 only torch and transformers from the environment (synthetic tokens, no corpus, no internet).
 Every section has a time share; a section that would overrun the budget is skipped and says so.
+The files are rewritten after every section, so a run stopped from outside keeps what it finished.
 Ratios are from interleaved timing in this one process, so they are comparable with each other.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -113,6 +116,15 @@ class Suite:
         opt.zero_grad(set_to_none=True)
         return loss
 
+    @staticmethod
+    def path_of(k: int, L: int) -> list[bool]:
+        """k of L layers: the first and last (RaPTr's fixed layers) and the k - 2 after the first."""
+        return [True] * L if k >= L else [i in (0, L - 1) or i < k - 1 for i in range(L)]
+
+    @staticmethod
+    def lengths(L: int) -> list[int]:
+        return sorted({max(2, L // 4), L // 2, 3 * L // 4, L})
+
     def timed(self, fn) -> float:
         self.sync()
         t0 = time.perf_counter()
@@ -140,6 +152,7 @@ class Suite:
         out["seconds"] = time.perf_counter() - t0
         self.results["sections"][name] = out
         print(f"[{name}] done in {out['seconds']:.1f} s", flush=True)
+        self.write(Path(self.args.out), quiet=True)  # a run stopped from outside keeps every finished section
 
     # ------------------------------------------------------------------ 1. correctness
     def correctness(self) -> dict:
@@ -190,7 +203,59 @@ class Suite:
         torch.use_deterministic_algorithms(False)
         return out
 
-    # ------------------------------------------------------------------ 2. skip speed
+    # ------------------------------------------------------------------ 2. activation memory
+    def memory(self) -> dict:
+        """Per path length (k of L layers, one bf16 training step): the bytes autograd saves for the
+        backward pass (parameters excluded, each storage once) and, on CUDA, the peak allocated memory
+        above what the model and optimizer hold before the step."""
+        out = {}
+        for size, objective in (("encoder (BERT-base-like)", "mlm"), ("decoder (GPT-2-small-like)", "causal")):
+            cfg = load_config(None, self.overrides(size, objective))
+            torch.manual_seed(0)
+            model = build_model(cfg, cfg.data.vocab_size).to(self.device).train()
+            L = cfg.model.n_layers
+            flops = model.flops(cfg.data.seq_len, 0.15 if objective == "mlm" else 1.0)
+            rp = raptr.wrap(model, schedule="p:1", total_steps=1)
+            opt = make_optimizer(model, cfg.optim)
+            batch = self.batch(size, mlm=objective == "mlm")
+            self.train_step(model, opt, batch)  # optimizer state for every layer exists from here on
+            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            rows = []
+            for k in self.lengths(L):
+                rp.gates.set_path(self.path_of(k, L))
+                saved: dict[int, int] = {}
+
+                def pack(t):
+                    storage = t.untyped_storage()
+                    if storage.data_ptr() not in params:
+                        saved[storage.data_ptr()] = storage.nbytes()
+                    return t
+
+                self.sync()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                static = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.autocast():
+                    loss = model(**batch)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                self.sync()
+                row = {"layers_run": k, "flops_ratio": flops.train_step(k, 1) / flops.full_step(1),
+                       "saved_MiB": sum(saved.values()) / 2**20}
+                if self.device.type == "cuda":
+                    row.update(static_MiB=static / 2**20, peak_above_static_MiB=(torch.cuda.max_memory_allocated() - static) / 2**20)
+                rows.append(row)
+            for row in rows:
+                row["saved_ratio"] = row["saved_MiB"] / rows[-1]["saved_MiB"]
+                if "peak_above_static_MiB" in row:
+                    row["peak_ratio"] = row["peak_above_static_MiB"] / rows[-1]["peak_above_static_MiB"]
+            out[size] = {"rows": rows, "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len}
+            del model, opt, rp
+        return out
+
+    # ------------------------------------------------------------------ 3. skip speed
     def skip_speed(self) -> dict:
         out = {}
         for size, objective in (("encoder (BERT-base-like)", "mlm"), ("decoder (GPT-2-small-like)", "causal")):
@@ -202,7 +267,7 @@ class Suite:
             rp = raptr.wrap(model, schedule="p:1", total_steps=1)
             opt = make_optimizer(model, cfg.optim)
             batch = self.batch(size, mlm=objective == "mlm")
-            ks = sorted({max(2, L // 4), L // 2, 3 * L // 4, L})
+            ks = self.lengths(L)
             rows = {}
             for mode in ("eager", "compiled"):
                 if mode == "compiled":
@@ -211,7 +276,7 @@ class Suite:
                 times = {k: [] for k in ks}
                 for rep in range(self.args.reps + 2):
                     for k in ks[rep % len(ks):] + ks[: rep % len(ks)]:
-                        rp.gates.set_path([i in (0, L - 1) or (i % L) < k - 1 for i in range(L)] if k < L else [True] * L)
+                        rp.gates.set_path(self.path_of(k, L))
                         t = self.timed(lambda: self.train_step(model, opt, batch))
                         if rep >= 2:  # warm-up (and compilation) rounds
                             times[k].append(t)
@@ -222,7 +287,80 @@ class Suite:
             out[size] = {"rows": rows, "tokens_per_step": tokens, "compile_speedup_full": rows["eager"][-1]["step_s"] / rows["compiled"][-1]["step_s"]}
         return out
 
-    # ------------------------------------------------------------------ 3. whole-schedule wall-clock
+    # ------------------------------------------------------------------ 4. whole-model torch.compile
+    def whole_model_compile(self) -> dict:
+        """What nanoGPT and ``TrainingArguments(torch_compile=True)`` do: ``torch.compile(model)`` of a
+        wrapped Hugging Face GPT-2, trained over a schedule that draws a new path at most steps.
+        Counts the graphs dynamo compiles (against the same model unwrapped), fails on the
+        recompile limit, then times compiled steps per path length against the FLOPs ratio."""
+        from torch._dynamo.utils import counters
+
+        size = "decoder (GPT-2-small-like)"
+        cfg = load_config(None, self.overrides(size, "causal") + ["model.family=hf", "model.hf_type=gpt2"])
+        L, steps = cfg.model.n_layers, self.args.compile_steps
+        batch = self.batch(size, mlm=False)
+        hf_batch = {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}  # HF shifts the labels itself
+        limit_flag = hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit")
+        out: dict = {"model": "transformers GPT2LMHeadModel", "backend": self.args.compile_backend, "steps": steps}
+
+        def build():
+            torch.manual_seed(0)
+            wrapper = build_model(cfg, cfg.data.vocab_size)
+            return wrapper.hf.to(self.device).train(), wrapper.flops(cfg.data.seq_len)
+
+        def step(model, opt):
+            with self.autocast():
+                loss = model(**hf_batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+        # the same model unwrapped, compiled whole: the graph count to compare with, and full-step time
+        torch._dynamo.reset()
+        counters.clear()
+        plain, flops = build()
+        compiled_plain = torch.compile(plain, backend=self.args.compile_backend)
+        opt_plain = make_optimizer(plain, cfg.optim)
+        out["unwrapped_first_step_s"] = self.timed(lambda: step(compiled_plain, opt_plain))
+        base = out["unwrapped_graphs"] = int(counters["stats"].get("unique_graphs", 0))
+        # timed now, not interleaved below: after the wrapped model (same classes) ran, dynamo would
+        # recompile this one differently (a frame it skipped for the wrapped model is skipped for both)
+        unwrapped = statistics.median([self.timed(lambda: step(compiled_plain, opt_plain)) for _ in range(self.args.reps + 1)][1:])
+        del compiled_plain, plain, opt_plain
+
+        model, _ = build()
+        rp = raptr.wrap(model, schedule=self.scaled(["6-8-10-12"])[0], total_steps=steps, seed=0)
+        compiled = torch.compile(model, backend=self.args.compile_backend)
+        opt = make_optimizer(model, cfg.optim)
+        paths, first = set(), None
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True) if limit_flag else contextlib.nullcontext():
+            for i in range(steps):
+                paths.add(rp.step(i).active)
+                t = self.timed(lambda: step(compiled, opt))
+                first = t if first is None else first
+            out.update(distinct_paths=len(paths), graphs=int(counters["stats"].get("unique_graphs", 0)) - base,
+                       recompile_limit_hit=False,
+                       recompile_limit_checked=limit_flag, first_step_s=first)
+            # compiled step time per path length, interleaved; the full path against the unwrapped model too
+            ks = self.lengths(L)
+            times = {k: [] for k in ks}
+            for rep in range(self.args.reps + 2):
+                for k in ks[rep % len(ks):] + ks[: rep % len(ks)]:
+                    rp.gates.set_path(self.path_of(k, L))
+                    t = self.timed(lambda: step(compiled, opt))
+                    if rep >= 2:
+                        times[k].append(t)
+            out["graphs_after_timing"] = int(counters["stats"].get("unique_graphs", 0)) - base
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out["rows"] = [{"layers_run": k, "flops_ratio": flops.train_step(k, 1) / flops.full_step(1),
+                        "time_ratio": med[k] / med[L], "step_s": med[k]} for k in ks]
+        out["wrapped_full_over_unwrapped"] = med[L] / unwrapped
+        out["bounded"] = out["graphs_after_timing"] <= out["unwrapped_graphs"] + 4
+        rp.gates.unwrap()
+        return out
+
+    # ------------------------------------------------------------------ 5. whole-schedule wall-clock
     def schedules(self) -> dict:
         size = "decoder (GPT-2-small-like)"
         total = 600
@@ -278,7 +416,7 @@ class Suite:
                  for k, v in times.items()]
         return {"methods": rows, "width": width, "points": points}
 
-    # ------------------------------------------------------------------ 4. throughput and MFU
+    # ------------------------------------------------------------------ 6. throughput and MFU
     def throughput(self) -> dict:
         n = 4096 if not self.dry else 256
         a = torch.randn(n, n, device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32)
@@ -335,7 +473,7 @@ class Suite:
                   data_collator=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}).train()
         return statistics.median(timer.times[warm:])
 
-    # ------------------------------------------------------------------ 5. recompilations
+    # ------------------------------------------------------------------ 7. recompilations
     def recompiles(self) -> dict:
         from torch._dynamo.utils import counters
 
@@ -364,12 +502,13 @@ class Suite:
                 "frames_compiled": int(counters["frames"].get("ok", 0)), "bounded": graphs <= 8}
 
     # ------------------------------------------------------------------ output
-    def write(self, out: Path) -> None:
+    def write(self, out: Path, quiet: bool = False) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.results["total_seconds"] = time.perf_counter() - self.started
         (out / "gpu_suite.json").write_text(json.dumps(self.results, indent=2, default=str))
         (out / "gpu_suite.md").write_text(self.markdown())
-        print(f"wrote {out / 'gpu_suite.json'} and {out / 'gpu_suite.md'} ({self.results['total_seconds']:.0f} s)")
+        if not quiet:
+            print(f"wrote {out / 'gpu_suite.json'} and {out / 'gpu_suite.md'} ({self.results['total_seconds']:.0f} s)")
 
     def markdown(self) -> str:
         r, s = self.results, self.results["sections"]
@@ -391,6 +530,29 @@ class Suite:
                     for e, c in zip(d["rows"]["eager"], d["rows"]["compiled"]):
                         lines.append(f"| {e['layers_run']} | {e['flops_ratio']:.3f} | {e['time_ratio']:.3f} | {c['time_ratio']:.3f} |")
                     lines.append("")
+            elif name == "activation memory":
+                for size, d in sec.items():
+                    if not isinstance(d, dict):
+                        continue
+                    cuda = "peak_ratio" in d["rows"][0]
+                    lines += [f"{size}, {d['tokens_per_step']} tokens/step, one training step", "",
+                              "| layers run | FLOPs / full | saved activations MiB | saved / full |"
+                              + (" peak above static MiB | peak / full |" if cuda else ""),
+                              "|---|---|---|---|" + ("---|---|" if cuda else "")]
+                    for row in d["rows"]:
+                        lines.append(f"| {row['layers_run']} | {row['flops_ratio']:.3f} | {row['saved_MiB']:.1f} | {row['saved_ratio']:.3f} |"
+                                     + (f" {row['peak_above_static_MiB']:.1f} | {row['peak_ratio']:.3f} |" if cuda else ""))
+                    lines.append("")
+            elif name == "whole-model compile":
+                lines += [f"`torch.compile(model)` of a wrapped {sec['model']} ({sec['backend']}), {sec['steps']} steps of "
+                          f"6-8-10-12 drawing {sec['distinct_paths']} distinct paths: {sec['graphs']} graphs "
+                          f"({sec['graphs_after_timing']} after the timing below) against {sec['unwrapped_graphs']} for the "
+                          f"unwrapped model; recompile limit hit: {sec['recompile_limit_hit']}"
+                          f"{'' if sec['recompile_limit_checked'] else ' (not checkable on this torch)'}; first step "
+                          f"{sec['first_step_s']:.1f} s (unwrapped {sec['unwrapped_first_step_s']:.1f} s). Full path, wrapped over "
+                          f"unwrapped (both compiled whole): {sec['wrapped_full_over_unwrapped']:.3f}x.", "",
+                          "| layers run | FLOPs / full | compiled time / full |", "|---|---|---|"]
+                lines += [f"| {r['layers_run']} | {r['flops_ratio']:.3f} | {r['time_ratio']:.3f} |" for r in sec["rows"]] + [""]
             elif name == "schedules":
                 lines += ["| method | FLOPs / standard | wall-clock / standard |", "|---|---|---|"]
                 lines += [f"| {m['method']} | {m['flops_ratio']:.3f} | {m['time_ratio']:.3f} |" for m in sec["methods"]]
@@ -411,21 +573,25 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed rounds per variant (default 8; dry run 2)")
     parser.add_argument("--points", type=int, default=None, help="schedule points for the wall-clock section (default 12)")
     parser.add_argument("--steps", type=int, default=None, help="steps of the throughput and recompile runs (default 20)")
+    parser.add_argument("--compile-steps", type=int, default=None, help="steps of the whole-model compile run (default 32)")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; dry run eager)")
     args = parser.parse_args()
     dry = args.dry_run
-    args.budget_s = args.budget_s or (120 if dry else 450)
+    args.budget_s = args.budget_s or (150 if dry else 470)
     args.reps = args.reps or (2 if dry else 8)
     args.points = args.points or (4 if dry else 12)
     args.steps = args.steps or (6 if dry else 20)
+    args.compile_steps = args.compile_steps or 32
     args.compile_backend = args.compile_backend or ("eager" if dry else "inductor")
     suite = Suite(args)
     print(f"gpu suite on {suite.results['device']}, budget {args.budget_s:.0f} s")
-    suite.section("correctness", 0.10, suite.correctness)
-    suite.section("skip speed", 0.35, suite.skip_speed)
-    suite.section("schedules", 0.25, suite.schedules)
-    suite.section("throughput", 0.15, suite.throughput)
-    suite.section("recompiles", 0.10, suite.recompiles)
+    suite.section("correctness", 0.08, suite.correctness)
+    suite.section("activation memory", 0.05, suite.memory)
+    suite.section("skip speed", 0.28, suite.skip_speed)
+    suite.section("whole-model compile", 0.17, suite.whole_model_compile)
+    suite.section("schedules", 0.20, suite.schedules)
+    suite.section("throughput", 0.12, suite.throughput)
+    suite.section("recompiles", 0.08, suite.recompiles)
     suite.write(Path(args.out))
     failed = [k for k, v in suite.results["sections"].items() if "error" in v]
     sys.exit(1 if failed else 0)

@@ -447,16 +447,41 @@ class LayerGate:
     _gate_scale: float = 1.0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.training or (self._gate_run and self._gate_scale == 1.0):
+        if not self.training:  # eval runs every layer, unscaled: a whole-model compile traces straight through
             return self._gate_seen(super().__call__(*args, **kwargs))
+        return self._gate_train_call(*args, **kwargs)
+
+    # Whole-model ``torch.compile(model)`` must not trace the path decision: dynamo would guard on
+    # ``_gate_run`` and compile a graph per path until its recompile limit, then run eager. Skipping
+    # this one frame (``recursive=False``) makes each train-mode layer call a graph break: the layer's
+    # own ``forward`` is compiled as a frame of its own, one graph shared by the layers of a class
+    # whatever the path (tests/test_compile.py counts), and the decision and bookkeeping around it
+    # run eagerly in ``_gate_before`` / ``_gate_after``, which dynamo never looks into.
+    @torch.compiler.disable(recursive=False)
+    def _gate_train_call(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs, skipped = self._gate_before(args, kwargs)
+        if skipped is not None:
+            return skipped
+        return self._gate_after(args, kwargs, super().__call__(*args, **kwargs))
+
+    @torch.compiler.disable
+    def _gate_before(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, Any]:
+        """The layer's arguments (with no fresh KV cache), and its output if it is skipped (else None)."""
         hidden = args[0] if args else kwargs["hidden_states"]
-        if not self._gate_run:  # identity: y_l = y_{l-1}
-            _refuse_cached_decoding(self, args, kwargs, hidden)
-            out = self._gate_identity(hidden, args, kwargs)
-            self._gate_record(args, out)
+        args, kwargs = _train_mode_cache(self, args, kwargs, hidden)
+        if self._gate_run:
+            return args, kwargs, None
+        out = self._gate_identity(hidden, args, kwargs)  # identity: y_l = y_{l-1}
+        self._gate_record(args, out)
+        return args, kwargs, out
+
+    @torch.compiler.disable
+    def _gate_after(self, args: tuple, kwargs: dict, out: Any) -> Any:
+        out = self._gate_seen(out)
+        if self._gate_scale == 1.0:
             return out
-        out = self._gate_seen(super().__call__(*args, **kwargs))
         # y_l = y_{l-1} + a * f(y_{l-1}): scale the whole residual branch of the layer.
+        hidden = args[0] if args else kwargs["hidden_states"]
         if isinstance(out, tuple):
             return (hidden + self._gate_scale * (out[0] - hidden),) + out[1:]
         return hidden + self._gate_scale * (out - hidden)
@@ -518,27 +543,38 @@ def _cache_position(cls: type) -> int | None:
     return next((names.index(k) for k in _CACHE_KWARGS if k in names), None)
 
 
-def _refuse_cached_decoding(layer: nn.Module, args: tuple, kwargs: dict, hidden: torch.Tensor) -> None:
-    """A partial path must not continue a KV cache: the skipped layers' entries are missing or stale.
+def _train_mode_cache(layer: nn.Module, args: tuple, kwargs: dict, hidden: Any) -> tuple[tuple, dict]:
+    """The KV cache a train-mode layer call gets: none, if the model made a fresh one for training.
 
-    A training forward may fill a fresh cache as it goes, which is harmless; a cache holding more
-    positions than this forward's input means cached decoding (``generate``) in train mode with a
-    partial path, whose logits would be silently wrong. Refused with one line: generate in eval
-    mode (every layer runs).
+    A training forward of an HF decoder builds an empty cache (``use_cache`` defaults to true) and
+    each layer fills its entry; nothing reads it, a partial path leaves it incomplete, and a
+    compiled layer would guard on which entries are filled (a graph per layer). So with gradients
+    on, a fresh cache is not passed to the layers (``outputs.past_key_values`` stays empty). A
+    cache that already holds positions means cached decoding (``generate``, which runs without
+    gradients) in train mode: fine on the full path, refused with one line on a partial one (the
+    skipped layers' entries would be missing or stale).
     """
-    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
-    if cache is None:  # some layers take the cache positionally (GPT-2, BART, MPT)
+    key = next((k for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+    position = None
+    if key is None:  # some layers take the cache positionally (GPT-2, BART, MPT)
         position = _cache_position(type(layer))
-        cache = args[position] if position is not None and position < len(args) else None
-    if cache is None or not hasattr(cache, "get_seq_length") or not torch.is_tensor(hidden) or hidden.dim() != 3:
-        return
-    cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder's: its decoder self-attention part
-    layers = getattr(cache, "layers", None)
-    cached = max((layer.get_seq_length() for layer in layers), default=0) if layers else cache.get_seq_length()
-    if cached > hidden.shape[1]:
+        if position is None or position >= len(args) or args[position] is None:
+            return args, kwargs
+    cache = kwargs[key] if key is not None else args[position]
+    if not hasattr(cache, "get_seq_length") or not torch.is_tensor(hidden) or hidden.dim() != 3:
+        return args, kwargs
+    inner = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder's: its decoder self-attention part
+    layers = getattr(inner, "layers", None)
+    cached = max([entry.get_seq_length() for entry in layers], default=0) if layers else inner.get_seq_length()
+    if cached == 0 and torch.is_grad_enabled():
+        if key is not None:
+            return args, {**kwargs, key: None}
+        return args[:position] + (None,) + args[position + 1:], kwargs
+    if not layer._gate_run and cached > hidden.shape[1]:
         raise RaptrError("cached decoding (generate / past_key_values) with a partial RaPTr path in train mode would "
                          "give wrong logits: call model.eval() before generating (eval runs every layer), or "
                          "pass use_cache=False")
+    return args, kwargs
 
 
 _GATED_CLASSES: dict[type, type] = {}
