@@ -36,8 +36,10 @@ def test_gpu_suite_dry_run(tmp_path):
     assert whole["distinct_paths"] >= 10 and whole["bounded"] and not whole["recompile_limit_hit"]
     assert whole["graphs"] <= whole["unwrapped_graphs"] + 4
     assert [r["layers_run"] for r in whole["rows"]][-1] == 6
-    methods = {m["method"]: m for m in sections["schedules"]["methods"]}
-    assert methods["standard"]["flops_ratio"] == 1.0 and methods["raptr 6-8-10-12"]["flops_ratio"] < 0.95
+    assert len(sections["schedules"]["sizes"]) == 2
+    for rows in sections["schedules"]["sizes"].values():
+        methods = {m["method"]: m for m in rows}
+        assert methods["standard"]["flops_ratio"] == 1.0 and methods["raptr 6-8-10-12"]["flops_ratio"] < 0.95
     assert sections["throughput"]["raptr_tokens_per_s"] > 0 and sections["throughput"]["hf_trainer_tokens_per_s"] > 0
     assert sections["recompiles"]["distinct_paths"] >= 2 and sections["recompiles"]["bounded"]
     md = (tmp_path / "gpu_suite.md").read_text()
