@@ -137,6 +137,8 @@ class Suite:
 
     def section(self, name: str, share: float, fn) -> None:
         """Run one section if the budget allows ``share`` of it; record result, time or error."""
+        if self.args.only and name not in self.args.only:
+            return
         need = share * self.args.budget_s
         if self.left() < need * 0.5:
             self.results["sections"][name] = {"skipped": f"time budget: {self.left():.0f} s left, needs ~{need:.0f} s"}
@@ -606,6 +608,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed rounds per variant (default 8; dry run 2)")
     parser.add_argument("--points", type=int, default=None, help="schedule points for the wall-clock section (default 12)")
     parser.add_argument("--steps", type=int, default=None, help="steps of the throughput and recompile runs (default 20)")
+    parser.add_argument("--only", default=None, help="comma-separated sections to run (default: all), e.g. 'whole-model compile'")
     parser.add_argument("--compile-steps", type=int, default=None, help="steps of the whole-model compile run (default 32)")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; dry run eager)")
     args = parser.parse_args()
@@ -615,6 +618,7 @@ def main() -> None:
     args.points = args.points or (4 if dry else 12)
     args.steps = args.steps or (6 if dry else 20)
     args.compile_steps = args.compile_steps or 32
+    args.only = [x.strip() for x in args.only.split(",")] if args.only else None
     args.compile_backend = args.compile_backend or ("eager" if dry else "inductor")
     suite = Suite(args)
     print(f"gpu suite on {suite.results['device']}, budget {args.budget_s:.0f} s")
