@@ -423,3 +423,40 @@ def test_stacking_grows_the_model_under_the_trainer(corpus, tmp_path):
     n_params = model.num_parameters(exclude_embeddings=True)
     per_layer = sum(p.numel() for p in find_layer_stack(model)[0].parameters())
     assert trainer.state.total_flos == sum(6 * B * T * (n_params - (L - d) * per_layer) for d in [2] * 4 + [4] * 4 + [6] * 4)
+
+
+def test_torch_compile_true_keeps_its_graphs_over_changing_paths(corpus, tmp_path):
+    """TrainingArguments(torch_compile=True) compiles the whole wrapped model: bounded graphs, no
+    recompile limit (it would raise), the paths still change every step, and the losses are eager's."""
+    from torch._dynamo.utils import counters
+
+    steps = 30
+
+    class Paths(TrainerCallback):  # after the method's callback (RaptrTrainer puts it first): this step's path
+        def __init__(self):
+            self.paths = []
+
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            self.paths.append(tuple(layer._gate_run for layer in find_layer_stack(unwrap_model(model))))
+
+    def run(out, **kw):
+        paths = Paths()
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=corpus["vocab"], n_positions=T, n_embd=32, n_layer=12, n_head=2,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        trainer = RaptrTrainer(model=model, args=make_args(out, max_steps=steps, save_strategy="no", **kw),
+                               train_dataset=dataset(corpus, "gpt2"), callbacks=[paths, RaPTrCallback("4-8-12", seed=0)])
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h], paths.paths
+
+    torch.manual_seed(0)
+    eager, eager_paths = run(tmp_path / "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        torch.manual_seed(0)
+        compiled, paths = run(tmp_path / "compiled", torch_compile=True, torch_compile_backend="aot_eager")
+    graphs = counters["stats"]["unique_graphs"]
+    print(f"HF Trainer torch_compile=True: {graphs} graphs over {steps} steps and {len(set(paths))} distinct paths")
+    assert paths == eager_paths and len(set(paths)) >= 15
+    assert 1 <= graphs <= 5
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
