@@ -209,3 +209,70 @@ def test_wrapping_twice_is_refused_and_unwrap_allows_it_again():
         raptr.wrap(model, schedule="3-4", total_steps=10)
     first.gates.unwrap()
     raptr.wrap(model, schedule="3-4", total_steps=10)  # fine once unwrapped
+
+
+# ------------------------------------------------------------------------------------------------
+# A wrapped model saves like a model; a forgotten or negative step is not silent
+# ------------------------------------------------------------------------------------------------
+
+
+def _wrapped_gpt2():
+    import transformers as tf
+
+    import raptr
+
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                             bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    rp = raptr.wrap(model.train(), schedule="3-4", total_steps=10)
+    rp.step(0)
+    return model, rp
+
+
+def test_torch_save_pickle_and_deepcopy_of_a_wrapped_model_keep_weights_gates_and_path(tmp_path):
+    import copy
+    import pickle
+
+    from raptr.core import LayerGate
+
+    model, rp = _wrapped_gpt2()
+    path = [layer._gate_run for layer in model.transformer.h]
+    assert not all(path)  # a partial path at step 0
+    torch.save(model, tmp_path / "model.pt")
+    copies = [torch.load(tmp_path / "model.pt", weights_only=False), pickle.loads(pickle.dumps(model)), copy.deepcopy(model)]
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    want = model(input_ids=ids, labels=ids).loss
+    for other in copies:
+        layers = other.transformer.h
+        assert all(isinstance(layer, LayerGate) for layer in layers)
+        assert [layer._gate_run for layer in layers] == path
+        assert torch.equal(other(input_ids=ids, labels=ids).loss, want)  # same weights, same partial path
+        assert layers[0].__dict__["_gate_stack"] is layers[-1].__dict__["_gate_stack"]  # still one stack
+
+
+def test_training_forward_before_any_step_warns_once_and_negative_steps_are_refused():
+    import warnings
+
+    import transformers as tf
+
+    import raptr
+
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                             bos_token_id=0, eos_token_id=0)).train()
+    rp = raptr.wrap(model, schedule="3-4", total_steps=10)
+    ids = torch.randint(0, 64, (2, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=ids)
+        model(input_ids=ids)
+    assert [str(w.message) for w in caught if "rp.step" in str(w.message)] == [
+        "raptr: a wrapped model ran a training forward before any path was set, so it trains the full model: "
+        "call rp.step(step) before each optimizer step"]
+    for bad in (-1, "3", 1.5):
+        with pytest.raises(RaptrError, match="step must be an integer >= 0"):
+            rp.step(bad)
+    rp.step(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=ids)
+    assert not [w for w in caught if "rp.step" in str(w.message)]

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -469,6 +471,11 @@ class LayerGate:
         """The layer's arguments (with no fresh KV cache), and its output if it is skipped (else None)."""
         hidden = args[0] if args else kwargs["hidden_states"]
         args, kwargs = _train_mode_cache(self, args, kwargs, hidden)
+        host = self.__dict__.get("_gate_host")
+        if host is not None and not host["stepped"] and not host["warned"]:
+            host["warned"] = True
+            warnings.warn("raptr: a wrapped model ran a training forward before any path was set, so it trains the "
+                          "full model: call rp.step(step) before each optimizer step", stacklevel=3)
         if self._gate_run:
             return args, kwargs, None
         out = self._gate_identity(hidden, args, kwargs)  # identity: y_l = y_{l-1}
@@ -485,6 +492,12 @@ class LayerGate:
         if isinstance(out, tuple):
             return (hidden + self._gate_scale * (out[0] - hidden),) + out[1:]
         return hidden + self._gate_scale * (out - hidden)
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        """Pickle / ``torch.save(model)``: the gated class is made at run time and cannot be found by
+        name, so a gated layer is saved as its own class and gated again on load (raptr must be importable)."""
+        _, _, state, *rest = super().__reduce_ex__(protocol)
+        return (_new_gated, (type(self).__bases__[1],), state, *rest)
 
     def _gate_seen(self, out: Any) -> Any:
         n = len(out) if isinstance(out, tuple) else 0
@@ -580,6 +593,11 @@ def _train_mode_cache(layer: nn.Module, args: tuple, kwargs: dict, hidden: Any) 
 _GATED_CLASSES: dict[type, type] = {}
 
 
+def _new_gated(cls: type) -> nn.Module:
+    gated = _gated_class(cls)
+    return gated.__new__(gated)
+
+
 def _gated_class(cls: type) -> type:
     if issubclass(cls, LayerGate):
         return cls
@@ -604,9 +622,11 @@ class GatedLayers:
         self.layers = layers
         self.original_classes = [type(layer) for layer in layers]
         self.contracts: dict[type, int] = {}  # output tuple length per layer class, shared by the stack
+        self.host = {"stepped": False, "warned": False}  # has a path been set? (warn once if a training forward comes first)
         for layer in layers:
             layer.__class__ = _gated_class(type(layer))
             layer.__dict__["_gate_stack"] = self.contracts
+            layer.__dict__["_gate_host"] = self.host
             if passthrough:
                 layer.__dict__["_gate_passthrough"] = dict(passthrough)
 
@@ -620,6 +640,7 @@ class GatedLayers:
             scales = [float(scales)] * len(self.layers)
         for layer, run, scale in zip(self.layers, active, scales):
             layer._gate_run, layer._gate_scale = bool(run), float(scale)
+        self.host["stepped"] = True
 
     def run_all(self) -> None:
         self.set_path([True] * len(self.layers))
@@ -627,7 +648,7 @@ class GatedLayers:
     def unwrap(self) -> None:
         """Give the layers their own classes back (e.g. before pickling the whole model)."""
         for layer, cls in zip(self.layers, self.original_classes):
-            for name in ("_gate_run", "_gate_scale", "_gate_out_len", "_gate_passthrough", "_gate_stack"):
+            for name in ("_gate_run", "_gate_scale", "_gate_out_len", "_gate_passthrough", "_gate_stack", "_gate_host"):
                 layer.__dict__.pop(name, None)
             layer.__class__ = cls
 
@@ -679,6 +700,12 @@ class RaPTr:
 
     def plan(self, step: int) -> StepPlan:
         """The path of ``step`` without touching the model (pure)."""
+        try:
+            step = operator.index(step)
+        except TypeError:
+            step = -1
+        if step < 0:
+            raise RaptrError(f"step must be an integer >= 0 (the optimizer step about to run): rp.step(step) before each optimizer step")
         stage = self.schedule.stage_at(step)
         active = self.sampler.sample(step, stage.keep_prob)
         return StepPlan(step, stage.index, stage.keep_prob, active, branch_scale(stage.keep_prob, self.scaling))
