@@ -276,3 +276,44 @@ def test_training_forward_before_any_step_warns_once_and_negative_steps_are_refu
         warnings.simplefilter("always")
         model(input_ids=ids)
     assert not [w for w in caught if "rp.step" in str(w.message)]
+
+
+def test_a_model_without_config_is_found_or_told_a_fix_that_works():
+    from torch import nn
+
+    import raptr
+    from raptr.models.registry import REGISTRY
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.fc(x)
+
+    class Net(nn.Module):  # plain PyTorch: no .config, one list of same-class blocks
+        def __init__(self, heads: bool = False):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(6))
+            if heads:  # a second list of blocks makes the choice ambiguous
+                self.heads = nn.ModuleList(Block() for _ in range(2))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x.sum()
+
+    rp = raptr.wrap(Net(), schedule="4-6", total_steps=10)
+    assert len(rp.gates) == 6
+
+    with pytest.raises(RaptrError) as e:
+        raptr.wrap(Net(heads=True), schedule="4-6", total_steps=10)
+    assert "raptr.register_layer_stack('Net', 'path.to.layers')" in str(e.value)
+    raptr.register_layer_stack("Net", "blocks")  # the advice, followed
+    try:
+        model = Net(heads=True)
+        rp = raptr.wrap(model, schedule="4-6", total_steps=10)
+        assert list(rp.gates.layers) == list(model.blocks)
+    finally:
+        REGISTRY.pop("Net")

@@ -158,7 +158,8 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "e
 
 def register_layer_stack(model_type: str, path: str | tuple[str, ...], shape: Callable[[object], LayerShape] | None = None,
                          passthrough: dict[int, str] | None = None, must_run: tuple[int, ...] = ()) -> None:
-    """Teach raptr where ``config.model_type == model_type`` keeps its ``nn.ModuleList`` of layers.
+    """Teach raptr where ``config.model_type == model_type`` keeps its ``nn.ModuleList`` of layers
+    (for a model with no config, ``model_type`` is its class name).
 
     ``passthrough``: for layers returning tuples whose entries later layers consume, output index ->
     forward argument a skipped layer returns in its place; ``must_run``: layers never to skip."""
@@ -199,9 +200,13 @@ def _get(obj: object, path: str):
     return obj
 
 
+def registry_key(model: nn.Module) -> str:
+    """What ``register_layer_stack`` is keyed by: the config's ``model_type``, else the model's class name."""
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
 def _spec(model: nn.Module) -> StackSpec | None:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return REGISTRY.get(model_type) if model_type else None
+    return REGISTRY.get(registry_key(model))
 
 
 def _layer_counts(model: nn.Module) -> set[int]:
@@ -210,11 +215,14 @@ def _layer_counts(model: nn.Module) -> set[int]:
 
 
 def discover_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """Every outermost ``nn.ModuleList`` of same-class layers whose length is a config layer count."""
+    """Every outermost ``nn.ModuleList`` of same-class layers whose length is a config layer count.
+
+    A model with no config layer count (plain PyTorch): its one outermost ``nn.ModuleList`` of two
+    or more same-class layers, if there is exactly one (several would be a guess)."""
     counts = _layer_counts(model)
     found: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) not in counts:
+        if not isinstance(module, nn.ModuleList) or (len(module) not in counts if counts else len(module) < 2):
             continue
         kinds = {type(m) for m in module}
         if len(kinds) != 1 or next(iter(kinds)).__module__.startswith("torch.nn"):
@@ -222,7 +230,7 @@ def discover_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
         if any(name.startswith(f + ".") for f, _ in found):
             continue  # nested inside a stack already found (e.g. an MoE layer's experts)
         found.append((name, module))
-    return found
+    return found if counts or len(found) == 1 else []
 
 
 def find_layer_stack(model: nn.Module) -> nn.ModuleList:
@@ -245,13 +253,12 @@ def find_layer_stack(model: nn.Module) -> nn.ModuleList:
         return stacks[0][1]
     if stacks:
         return nn.ModuleList([layer for _, stack in stacks for layer in stack])
-    name = type(model).__name__
-    model_type = getattr(getattr(model, "config", None), "model_type", "?")
-    raise RaptrError(
-        f"don't know where {name} (model_type={model_type!r}) keeps its layers (no nn.ModuleList of same-class layers "
-        f"with the config's layer count): call raptr.register_layer_stack({model_type!r}, 'path.to.layers') or give "
-        "the model a layer_stack() method"
-    )
+    name, key = type(model).__name__, registry_key(model)
+    where = (f"{name} (model_type={key!r}) keeps its layers (no nn.ModuleList of same-class layers with the config's "
+             "layer count)" if hasattr(model, "config") else f"{name} keeps its layers (not exactly one nn.ModuleList of "
+             "same-class layers)")
+    raise RaptrError(f"don't know where {where}: call raptr.register_layer_stack({key!r}, 'path.to.layers') or give "
+                     "the model a layer_stack() method")
 
 
 def is_joined_stack(model: nn.Module, layers: nn.ModuleList) -> bool:
