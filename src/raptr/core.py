@@ -529,16 +529,32 @@ class LayerGate:
     def _gate_record(self, args: tuple, out: Any) -> None:
         """Keep outputs that HF collects per layer aligned with the layers.
 
-        transformers 5 gathers ``output_hidden_states`` / ``output_attentions`` with forward hooks
-        (``transformers.utils.output_capturing``), which a skipped layer never fires. Fire just those:
-        the layer's own with its (identity) output, so ``hidden_states`` keeps L+1 entries (a skipped
-        layer's output is its input), and its submodules' with None, so ``attentions`` has None
-        where a layer was skipped. No other hook sees a skipped layer.
+        transformers 5 gathers ``output_hidden_states`` / ``output_attentions`` / router logits with
+        forward hooks (``transformers.utils.output_capturing``), which a skipped layer never fires.
+        Fire the hidden-state and attention ones: the layer's own with its (identity) output, so
+        ``hidden_states`` keeps L+1 entries (a skipped layer's output is its input), and its
+        submodules' with None, so ``attentions`` has None where a layer was skipped. Everything else
+        (MoE router logits, and with them the load-balancing loss) is gathered from the layers that
+        ran only, as in the model without the skipped layers. No other hook sees a skipped layer.
         """
         for module in self.modules():
             for hook in list(module._forward_hooks.values()):
-                if getattr(hook, "__name__", "") == "output_capturing_hook":
+                if getattr(hook, "__name__", "") != "output_capturing_hook":
+                    continue
+                key = _captured_key(hook)
+                if key == "hidden_states" and module is self:
+                    hook(module, args, out)
+                elif key is not None and key.endswith("attentions"):
                     hook(module, args, out if module is self else None)
+
+
+def _captured_key(hook: Any) -> str | None:
+    """Which output a transformers output-capturing hook collects (its closure's ``key``)."""
+    code, cells = getattr(hook, "__code__", None), getattr(hook, "__closure__", None)
+    if code is None or not cells or "key" not in code.co_freevars:
+        return None
+    value = cells[code.co_freevars.index("key")].cell_contents
+    return value if isinstance(value, str) else None
 
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # transformers 5.2x names it `cache`
