@@ -115,3 +115,33 @@ def test_t5_block_zero_must_stay_fixed():
     with pytest.raises(RaptrError, match=r"t5 layer\(s\) \[3\]"):  # the decoder's first block too
         raptr.wrap(build("t5"), schedule="p:0.5-1", total_steps=10, fixed="first,last")
     raptr.wrap(build("t5"), schedule="p:0.5-1", total_steps=10, fixed="0,3")
+
+
+def test_t5_must_run_hint_names_indices_that_work():
+    model = build("t5").train()  # 3 encoder + 3 decoder blocks: blocks 0 and 3 compute position biases
+    with pytest.raises(RaptrError) as e:
+        raptr.wrap(model, schedule="3-6", total_steps=10)  # default fixed: first,last = [0, 5]
+    assert "fixed='0,3,5'" in str(e.value)
+    rp = raptr.wrap(model, schedule="4-6", total_steps=10, fixed="0,3,5")  # the advice, followed
+    assert rp.schedule.fixed == (0, 3, 5)
+
+
+def test_a_user_registration_keeps_what_raptr_knows_of_t5():
+    from raptr.models.registry import REGISTRY
+
+    saved = REGISTRY["t5"]
+    raptr.register_layer_stack("t5", "encoder.block")  # a path only: passthrough and must-run must survive
+    try:
+        spec = REGISTRY["t5"]
+        assert spec.paths == ("encoder.block",) and spec.passthrough == saved.passthrough and spec.first_of_each_must_run
+        model = build("t5").train()
+        plain = copy.deepcopy(model)
+        active = [True, False, True]  # encoder block 1 skipped: block 2 must get block 0's position bias
+        rp = raptr.wrap(model, schedule="p:0.5-1", total_steps=10)
+        assert len(rp.gates) == 3 and rp.schedule.fixed == (0, 2)
+        rp.gates.set_path(active)
+        ref = copy.deepcopy(plain)
+        ref.encoder.block = nn.ModuleList([b for b, run in zip(ref.encoder.block, active) if run])
+        torch.testing.assert_close(loss_of(model, "t5"), loss_of(ref, "t5"), rtol=1e-6, atol=1e-6)
+    finally:
+        REGISTRY["t5"] = saved

@@ -19,6 +19,8 @@ The registry is data, one entry per architecture with special needs::
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -163,8 +165,19 @@ def register_layer_stack(model_type: str, path: str | tuple[str, ...], shape: Ca
 
     ``passthrough``: for layers returning tuples whose entries later layers consume, output index ->
     forward argument a skipped layer returns in its place; ``must_run``: layers never to skip."""
-    REGISTRY[model_type] = StackSpec((path,) if isinstance(path, str) else tuple(path), shape,
-                                     passthrough=tuple(sorted((passthrough or {}).items())), must_run=tuple(must_run))
+    paths = (path,) if isinstance(path, str) else tuple(path)
+    given = tuple(sorted(passthrough.items())) if passthrough is not None else None
+    known = REGISTRY.get(model_type)
+    if known is None:
+        REGISTRY[model_type] = StackSpec(paths, shape, passthrough=given or (), must_run=tuple(must_run))
+        return
+    if known.refuse:
+        raise RaptrError(f"{model_type} cannot be registered: {known.refuse}")
+    # What raptr already knows of the architecture (FLOPs shape, values threaded through the layers,
+    # layers that must run) stays unless given anew: a new path alone must not lose it.
+    REGISTRY[model_type] = dataclasses.replace(
+        known, paths=paths, shape=shape or known.shape, passthrough=known.passthrough if given is None else given,
+        must_run=tuple(must_run) or known.must_run)
 
 
 def layer_contract(model: nn.Module) -> tuple[dict[int, str], tuple[int, ...]]:
@@ -174,8 +187,9 @@ def layer_contract(model: nn.Module) -> tuple[dict[int, str], tuple[int, ...]]:
         return {}, ()
     must = set(spec.must_run)
     if spec.first_of_each_must_run:
+        registered = [layers for path in spec.paths if isinstance(layers := _get(model, path), nn.ModuleList)][:1]
         start = 0
-        for _, stack in discover_stacks(model):
+        for stack in registered or [stack for _, stack in discover_stacks(model)]:  # the stack(s) find_layer_stack uses
             must.add(start)
             start += len(stack)
     return dict(spec.passthrough), tuple(sorted(must))
@@ -187,9 +201,10 @@ def check_must_run(model: nn.Module, always_run: tuple[int, ...] | list[int], op
     missing = [i for i in must if i not in always_run]
     if missing:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        keep = ",".join(str(i) for i in sorted(set(always_run) | set(missing)))
+        fix = (f"use {option}" if " " in option else f"set {option}'{keep}'" if option.endswith("=") else f"set {option}={keep}")
         raise RaptrError(f"{model_type} layer(s) {missing} compute state every other layer uses (e.g. T5's position "
-                         f"bias in block 0), so they must always run: set {option} to include {missing} "
-                         "(e.g. 'first,last')")
+                         f"bias in each stack's first block), so they must always run: {fix}")
 
 
 def _get(obj: object, path: str):
