@@ -460,3 +460,13 @@ def test_torch_compile_true_keeps_its_graphs_over_changing_paths(corpus, tmp_pat
     assert paths == eager_paths and len(set(paths)) >= 15
     assert 1 <= graphs <= 5
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+
+
+def test_logged_layer_units_are_means_over_the_logging_window(corpus, tmp_path):
+    trainer, probe = train(corpus, "gpt2", tmp_path, RaPTrCallback(SCHEDULE, seed=0), logging_steps=3, save_strategy="no")
+    logs = raptr_logs(trainer)
+    assert len(logs) == STEPS // 3
+    for h in logs:
+        window = range(h["step"] - 3, h["step"])
+        mean = sum(sum(probe.steps[s]["ran"]) for s in window) / 3
+        assert h["raptr/path_length"] == pytest.approx(mean) and h["raptr/layer_units"] == pytest.approx(mean)

@@ -18,7 +18,7 @@ Event by event:
   micro-batch of a gradient-accumulation cycle runs the same path: ``method.begin_step(global_step)``.
   A method's ``lr_factor`` (stacking's re-warm-up) multiplies the learning rate of that step (the
   Trainer's schedulers set the next step's rate afresh).
-- ``on_log`` adds ``<method>/stage``, ``<method>/path_length`` (mean layers run per step since the
+- ``on_log`` adds ``<method>/stage``, ``<method>/path_length`` and ``<method>/layer_units`` (means per step since the
   last log) and the method's numeric extras (RaPTr's ``keep_prob``, PLD's ``theta``) to the logs.
 - ``on_train_end``: ``method.detach()`` gives the layers their own classes back.
 
@@ -187,7 +187,7 @@ class MethodCallback(TrainerCallback, ExportableState):
             return control
         name = self.method_name
         extra = {f"{name}/stage": self.last.stage}
-        extra.update({f"{name}/{k}": v / self._window_steps if k == "path_length" else self.last.extra.get(k, v)
+        extra.update({f"{name}/{k}": v / self._window_steps if k in ("path_length", "layer_units") else self.last.extra.get(k, v)
                       for k, v in self._window.items()})
         logs.update(extra)
         # The Trainer appended a copy of `logs` to the history just before calling on_log.
