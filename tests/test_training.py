@@ -336,3 +336,18 @@ def test_divergence_without_nan_is_warned_and_exits_3(tmp_path, data_cache):
     assert summary["diverged"] and summary["warnings"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "warning" and "diverg" in r["message"] for r in rows)
+
+
+@pytest.mark.parametrize("after", [0.2, 0.5, 1.0])
+def test_ctrl_c_at_any_moment_of_the_start_is_one_line(tmp_path, data_cache, after):
+    """Ctrl-C (SIGINT) while Python imports, while the run is built, or once it trains: one line on
+    stderr, exit code 130, never a traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "raptr", *_cli_args(tmp_path, data_cache, "train.steps=30")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(("interrupted", "stopped by SIGINT")), err

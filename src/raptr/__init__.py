@@ -8,16 +8,40 @@ Own training loop::
         rp.step(step)                       # sample this step's path of layers
         model(**batch).loss.backward()
         opt.step(); opt.zero_grad(set_to_none=True)
+
+The names below are imported on first use, so ``import raptr`` (and the ``raptr`` command's start,
+where Ctrl-C must stay one line) does not import torch until something needs it.
 """
 
-from raptr.core import GatedLayers, PathSampler, RaPTr, Schedule, StepPlan
-from raptr.errors import RaptrError
-from raptr.flops import LayerShape, ModelFlops, schedule_relative_flops
-from raptr.methods import RaPTrMethod, RaPTrOptions, wrap
-from raptr.models.registry import find_layer_stack, register_layer_stack
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "GatedLayers", "PathSampler", "RaPTr", "Schedule", "StepPlan", "RaptrError", "LayerShape", "ModelFlops",
-    "schedule_relative_flops", "RaPTrMethod", "RaPTrOptions", "wrap", "find_layer_stack", "register_layer_stack",
-]
+_EXPORTS = {
+    "raptr.core": ("GatedLayers", "PathSampler", "RaPTr", "Schedule", "StepPlan"),
+    "raptr.errors": ("RaptrError",),
+    "raptr.flops": ("LayerShape", "ModelFlops", "schedule_relative_flops"),
+    "raptr.methods": ("RaPTrMethod", "RaPTrOptions", "wrap"),
+    "raptr.models.registry": ("find_layer_stack", "register_layer_stack"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+    else:
+        try:  # a subpackage or module: raptr.models, raptr.core, ...
+            value = importlib.import_module(f"raptr.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"raptr.{name}":
+                raise
+            raise AttributeError(f"module 'raptr' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

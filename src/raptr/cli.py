@@ -297,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 a user error (one ``error:`` line), 3 finished but diverged, 128+N stopped
     by signal N with a checkpoint, 1 a bug (one line; the traceback goes to a file)."""
-    parser = build_parser()
     try:
+        parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
         if stray:
@@ -316,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing lost (a started run resumes from its last checkpoint)", file=sys.stderr)
+        from raptr.__main__ import INTERRUPTED
+
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except Exception as e:  # last resort: never a raw traceback on the user's screen
         return _unexpected(e)
