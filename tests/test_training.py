@@ -176,6 +176,9 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_used(tmp_path, 
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert "corrupt-step_0000006" in names and "corrupt-step_0000004" in names  # set aside, not deleted
     assert train_losses(tmp_path / "run") == straight  # redone from step 2: the same losses
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fallback = [r for r in rows if r["kind"] == "warning" and "set aside" in r["message"]]
+    assert [r["step"] for r in fallback] == [2, 2]  # logged at the step training resumed from
 
 
 def test_nonfinite_steps_are_not_applied_and_every_checkpoint_is_finite(tmp_path, data_cache):
@@ -198,6 +201,11 @@ def test_nonfinite_steps_are_not_applied_and_every_checkpoint_is_finite(tmp_path
     rows = [json.loads(line, parse_constant=no_constants)
             for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("skipped") for r in rows) and any(r.get("loss") is None for r in rows)  # NaN written as null
+    skipped = {r["step"] for r in rows if r["kind"] == "train" and r.get("skipped")}
+    warned = [r for r in rows if r["kind"] == "warning" and "non-finite loss" in r["message"]]
+    assert warned and all(r["message"].startswith(f"step {r['step']}:") and r["step"] in skipped for r in warned)
+    first_bad = min(skipped)
+    assert f"in a row from step {first_bad} " in result.stderr  # one step numbering everywhere (1-based)
     resumed = raptr_cli(*[a.replace("optim.lr=1e6", "optim.lr=1e-3") for a in args])  # the advised recovery works
     assert resumed.returncode in (0, 3), resumed.stderr
     assert "resuming at step" in resumed.stderr and "optim.lr: 1000000.0 -> 0.001" in resumed.stderr
@@ -351,3 +359,24 @@ def test_ctrl_c_at_any_moment_of_the_start_is_one_line(tmp_path, data_cache, aft
     assert proc.returncode == 130, err
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith(("interrupted", "stopped by SIGINT")), err
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut"])
+def test_a_lost_metrics_history_is_resumed_with_a_warning_saying_what_was_lost(tmp_path, data_cache, damage):
+    extra = ["train.steps=8", "train.checkpoint_every=4", "train.eval_every=100"]
+    first = raptr_cli(*_cli_args(tmp_path, data_cache, *extra), "--stop-after", "4")
+    assert first.returncode == 0, first.stderr
+    log = tmp_path / "run" / "metrics.jsonl"
+    if damage == "deleted":
+        log.unlink()
+        expect = "was missing: the log of steps 1-4 is lost"
+    else:  # only the first two train records survive
+        rows = [line for line in log.read_text().splitlines() if '"train"' not in line or json.loads(line)["step"] <= 2]
+        log.write_text("\n".join(rows) + "\n")
+        expect = "lacks the train records of 2 of the 4 steps before the checkpoint (steps 3-4)"
+    second = raptr_cli(*_cli_args(tmp_path, data_cache, *extra))
+    assert second.returncode == 0, second.stderr
+    assert expect in second.stderr and "Traceback" not in second.stderr
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"][-4:] == [5, 6, 7, 8]  # training went on
+    assert any(r["kind"] == "warning" and expect in r["message"] for r in rows)

@@ -225,10 +225,7 @@ class Trainer:
         if path is None:
             raise RaptrError(f"every checkpoint under {self.ckpt_dir} is damaged ({damaged[0][1]}): "
                              "pass --fresh to start the run over")
-        if self.is_main:
-            for bad, e in damaged:
-                moved = set_aside(bad)
-                self._warn(f"{e}: set aside as {moved.name}; resuming from {path.name}")
+        set_aside_as = [(set_aside(bad).name, e) for bad, e in damaged] if self.is_main else []
         D.barrier(self.dist)
         self.method.load_state_dict(state["method"])  # may reshape the model (stacking) first
         if self.dist.enabled and self.cfg.train.parallel == "fsdp":
@@ -248,6 +245,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step, self.counters = state["step"], {"nonfinite_steps": 0, **state["counters"]}
         self.warnings = list(state.get("warnings", [])) + self.warnings
+        for name, e in set_aside_as:  # logged at the step training resumes from
+            self._warn(f"{e}: set aside as {name}; resuming from {path.name}")
         return True
 
     def _check_config(self, fresh: bool) -> None:
@@ -306,10 +305,19 @@ class Trainer:
     def _truncate_log(self) -> None:
         """After a resume, drop log lines written after the checkpoint (they will be redone)."""
         path = self.out_dir / "metrics.jsonl"
-        if path.is_file():
-            torn = truncate_jsonl(path, self.step)
-            if torn:
-                self._warn(f"{path} had {torn} unreadable line(s) (a torn write): dropped")
+        if not path.is_file():
+            if self.step:
+                self._warn(f"{path} was missing: the log of steps 1-{self.step} is lost (training resumes from the "
+                           f"checkpoint of step {self.step}; the model and optimizer are intact)")
+            return
+        torn = truncate_jsonl(path, self.step)
+        if torn:
+            self._warn(f"{path} had {torn} unreadable line(s) (a torn write): dropped")
+        logged = {r["step"] for r in read_jsonl(path)[0] if r["kind"] == "train"}
+        lost = [s for s in range(1, self.step + 1) if s not in logged]
+        if lost:
+            self._warn(f"{path} lacks the train records of {len(lost)} of the {self.step} steps before the checkpoint "
+                       f"(steps {_ranges(lost)}): that part of the log is lost (the model and optimizer are intact)")
 
     def _open_tensorboard(self) -> None:
         try:
@@ -454,10 +462,10 @@ class Trainer:
             if not finite:
                 if bad_in_row >= cfg.train.max_nonfinite_steps:
                     raise RaptrError(
-                        f"{bad_in_row} non-finite steps in a row from step {streak_start} (loss {loss_value}, grad norm "
+                        f"{bad_in_row} non-finite steps in a row from step {streak_start + 1} (loss {loss_value}, grad norm "
                         f"{grad_norm}), none applied; the run stopped and {self._drop_checkpoint_at(streak_start)}: lower "
                         "optim.lr or raise optim.warmup_steps (both allowed on resume) and run the same command again")
-                self._warn(f"step {step}: non-finite loss or gradient (loss {loss_value}, grad norm {grad_norm}); "
+                self._warn(f"step {self.step}: non-finite loss or gradient (loss {loss_value}, grad norm {grad_norm}); "
                            "the update was not applied")
             else:
                 recent.append(loss_value)
@@ -544,3 +552,17 @@ class Trainer:
         write_json_atomic(self.out_dir / "summary.json", summary)
         D.barrier(self.dist)
         return summary
+
+
+def _ranges(steps: list[int]) -> str:
+    """1,2,3,7,9,10 -> '1-3, 7, 9-10' (at most five ranges shown)."""
+    out: list[str] = []
+    start = prev = steps[0]
+    for s in steps[1:] + [None]:
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        out.append(f"{start}-{prev}" if prev > start else f"{start}")
+        if s is not None:
+            start = prev = s
+    return ", ".join(out[:5]) + (f", ... ({len(out) - 5} more)" if len(out) > 5 else "")
