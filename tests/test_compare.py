@@ -22,7 +22,7 @@ TINY = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_layers=
 def scaled(cfg):
     """The preset's 12-layer schedules, scaled to the 6-layer test model."""
     for arm in cfg.arms:
-        arm.set = [s.replace("6-8-10-12", "3-4-5-6").replace("6-9-12", "3-6").replace("8-10-12", "4-5-6") for s in arm.set]
+        arm.set = [s.replace("3-6-9-12", "3-4-5-6").replace("6-8-10-12", "3-4-5-6").replace("6-9-12", "3-6").replace("8-10-12", "4-5-6") for s in arm.set]
     return cfg
 
 

@@ -145,3 +145,68 @@ def test_a_user_registration_keeps_what_raptr_knows_of_t5():
         torch.testing.assert_close(loss_of(model, "t5"), loss_of(ref, "t5"), rtol=1e-6, atol=1e-6)
     finally:
         REGISTRY["t5"] = saved
+
+
+def test_a_kv_cache_kept_inside_the_layers_is_refused_on_a_partial_path():
+    """litgpt keeps its KV cache in the attention modules (``attn.kv_cache``, set for decoding): no cache
+    object reaches the layer call, so the gate looks inside the layer."""
+
+    class KVCache(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.register_buffer("k", torch.zeros(1, 16, d))
+
+    class Attention(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.qkv = nn.Linear(d, d)
+            self.kv_cache = None  # litgpt: set by model.set_kv_cache(), cleared by model.clear_kv_cache()
+
+        def forward(self, x, input_pos=None):
+            k = self.qkv(x)
+            if input_pos is not None and self.kv_cache is not None:
+                self.kv_cache.k[:, input_pos] = k[:, -len(input_pos):].detach()
+            return k
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.attn = Attention(d)
+
+        def forward(self, x, input_pos=None):
+            return x + self.attn(x, input_pos)
+
+    class TinyGPT(nn.Module):
+        def __init__(self, d=8, n=4):
+            super().__init__()
+            self.transformer = nn.ModuleDict({"h": nn.ModuleList(Block(d) for _ in range(n))})
+
+        def forward(self, x, input_pos=None):
+            for block in self.transformer.h:
+                x = block(x, input_pos)
+            return x
+
+        def set_kv_cache(self):
+            for block in self.transformer.h:
+                block.attn.kv_cache = KVCache(8)
+
+        def clear_kv_cache(self):
+            for block in self.transformer.h:
+                block.attn.kv_cache = None
+
+    model = TinyGPT().train()
+    rp = raptr.wrap(model, schedule="3-4", total_steps=10)
+    rp.gates.set_path([True, False, True, True])
+    x = torch.randn(1, 4, 8)
+    model(x)  # no cache: a partial path trains
+    model.set_kv_cache()
+    with pytest.raises(RaptrError, match=r"keeps a KV cache inside it \(GatedBlock.attn.kv_cache\).*clear_kv_cache"):
+        model(x, input_pos=torch.arange(4))
+    model.eval()
+    model(x, input_pos=torch.arange(4))  # decoding in eval mode: every layer runs
+    model.train()
+    rp.gates.run_all()
+    model(x, input_pos=torch.arange(4))  # the full path in train mode: every layer's cache stays consistent
+    model.clear_kv_cache()
+    rp.gates.set_path([True, False, True, True])
+    model(x)

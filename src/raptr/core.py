@@ -476,6 +476,8 @@ class LayerGate:
             host["warned"] = True
             warnings.warn("raptr: a wrapped model ran a training forward before any path was set, so it trains the "
                           "full model: call rp.step(step) before each optimizer step", stacklevel=3)
+        if host is not None and host["partial"]:
+            _refuse_inner_cache(self)
         if self._gate_run:
             return args, kwargs, None
         out = self._gate_identity(hidden, args, kwargs)  # identity: y_l = y_{l-1}
@@ -606,6 +608,19 @@ def _train_mode_cache(layer: nn.Module, args: tuple, kwargs: dict, hidden: Any) 
     return args, kwargs
 
 
+def _refuse_inner_cache(layer: nn.Module) -> None:
+    """A layer that keeps its KV cache inside it (litgpt's ``attn.kv_cache``, set for decoding) gets no
+    cache argument to look at: on a partial path in train mode its cached keys/values would go stale
+    or be read by a different path than wrote them. Refused with one line, whatever keeps them."""
+    for name, module in layer.named_modules():
+        for key, child in module._modules.items():
+            if child is not None and "cache" in key.lower():
+                where = f"{name}.{key}" if name else key
+                raise RaptrError(f"a wrapped layer keeps a KV cache inside it ({type(layer).__name__}.{where}), which a "
+                                 "partial RaPTr path in train mode would leave stale: decode in eval mode (every layer "
+                                 "runs), or clear the cache before training (litgpt: model.clear_kv_cache())")
+
+
 _GATED_CLASSES: dict[type, type] = {}
 
 
@@ -638,7 +653,8 @@ class GatedLayers:
         self.layers = layers
         self.original_classes = [type(layer) for layer in layers]
         self.contracts: dict[type, int] = {}  # output tuple length per layer class, shared by the stack
-        self.host = {"stepped": False, "warned": False}  # has a path been set? (warn once if a training forward comes first)
+        # has a path been set (warn once if a training forward comes first)? is it partial?
+        self.host = {"stepped": False, "warned": False, "partial": False}
         for layer in layers:
             layer.__class__ = _gated_class(type(layer))
             layer.__dict__["_gate_stack"] = self.contracts
@@ -657,6 +673,7 @@ class GatedLayers:
         for layer, run, scale in zip(self.layers, active, scales):
             layer._gate_run, layer._gate_scale = bool(run), float(scale)
         self.host["stepped"] = True
+        self.host["partial"] = not all(active) or any(scale != 1.0 for scale in scales)
 
     def run_all(self) -> None:
         self.set_path([True] * len(self.layers))

@@ -233,8 +233,11 @@ def discover_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """Every outermost ``nn.ModuleList`` of same-class layers whose length is a config layer count.
 
     A model with no config layer count (plain PyTorch): its one outermost ``nn.ModuleList`` of two
-    or more same-class layers, if there is exactly one (several would be a guess)."""
+    or more same-class layers, if there is exactly one (several would be a guess), and none if it
+    holds a model with a config (a wrapper, e.g. a LightningModule: that inner model is the one to wrap)."""
     counts = _layer_counts(model)
+    if not counts and any(_layer_counts(m) for m in model.modules() if m is not model):
+        return []
     found: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or (len(module) not in counts if counts else len(module) < 2):
