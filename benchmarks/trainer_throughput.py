@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from raptr.core import step_generator
+from raptr.ranks import step_generator
 from raptr.training.build import build_model, build_objective, build_trainer, prepare_data
 from raptr.training.config import load_config
 

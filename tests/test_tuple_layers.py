@@ -69,8 +69,9 @@ def test_partial_path_equals_the_model_without_the_skipped_layers(name):
     fixed, active = ("0,3", [True, False, True, True, False, True]) if name == "t5" else ("first,last", ACTIVE)
     rp = raptr.wrap(model, schedule="3-6", total_steps=10, fixed=fixed)
     rp.gates.run_all()
-    # full path: bitwise the unwrapped model; in train mode a wrapped layer is given no fresh KV cache (core.py
-    # _train_mode_cache), which for T5 changes the last bit of the loss, so compare with the model not building one
+    # full path: bitwise the unwrapped model; in train mode a wrapped layer is given no fresh KV cache
+    # (raptr.layer_calls.train_mode_cache), which for T5 changes the last bit of the loss, so compare with the
+    # model not building one
     no_cache = {} if name == "deberta-v2" else {"use_cache": False}
     assert torch.equal(loss_of(model, name), loss_of(plain, name, **no_cache))
     torch.testing.assert_close(loss_of(model, name), loss_of(plain, name), rtol=1e-6, atol=1e-6)

@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from raptr.core import RaPTr, Schedule, step_generator
+from raptr.core import RaPTr, Schedule
+from raptr.ranks import step_generator
 from raptr.errors import RaptrError
 from raptr.models import TransformerConfig, TransformerLM
 from raptr.models.reference import Block

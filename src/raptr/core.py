@@ -28,7 +28,6 @@ Three pieces, each usable alone:
 
 from __future__ import annotations
 
-import functools
 import math
 import operator
 import warnings
@@ -38,7 +37,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from raptr import layer_calls as calls
 from raptr.errors import RaptrError
+from raptr.ranks import PATH_STREAM, RankAgreement, path_hash, step_generator
 
 # --------------------------------------------------------------------------------------------
 # 1. Schedule
@@ -309,67 +310,6 @@ class Schedule:
 # --------------------------------------------------------------------------------------------
 
 
-class RankAgreement:
-    """Under torch.distributed, every ``every`` steps (and at the first), check with one small
-    all-reduce that all ranks chose the same subnetwork; a mismatch (e.g. different seeds per
-    rank) is one clear error naming the step, never a silent divergence or an FSDP hang."""
-
-    def __init__(self, every: int = 50, timeout_s: float = 120.0):
-        self.every, self.timeout_s, self.checked = every, timeout_s, False
-
-    def __call__(self, step: int, fingerprint: int, what: str = "layer paths") -> None:
-        import torch.distributed as dist
-
-        if not self.every or not (dist.is_available() and dist.is_initialized()):
-            return
-        if self.checked and step % self.every:
-            return
-        self.checked = True
-        if not ranks_agree([float(fingerprint % 2**52)], self.timeout_s, step)[0]:
-            raise RaptrError(f"ranks drew different {what} at step {step}: give every rank the same seed and schedule "
-                             "(the subnetwork is a function of seed and step only)")
-
-
-def path_hash(path: Sequence[bool] | None, step: int) -> int:
-    bits = 0 if path is None else sum(1 << i for i, run in enumerate(path) if run)
-    return (bits * 1_000_003 + step) % (2**61 - 1)
-
-
-def ranks_agree(values: list[float], timeout_s: float = 120.0, step: int | None = None) -> list[bool]:
-    """For each value: is it the same on every rank? (one MAX all-reduce of the values and their negations)"""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    t = torch.tensor(values + [-v for v in values], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
-    try:
-        work.wait(timeout=timedelta(seconds=timeout_s))
-    except RuntimeError:
-        raise RaptrError(f"ranks did not meet for the subnetwork check{'' if step is None else f' at step {step}'} within "
-                         f"{timeout_s:.0f} s: a rank crashed or calls step() at other steps than the rest") from None
-    n = len(values)
-    t = t.cpu()
-    return [t[i].item() == v and -t[n + i].item() == v for i, v in enumerate(values)]
-
-
-# Every random stream raptr draws from ``step_generator``, in one place (a new stream takes a new
-# number, so no two consumers ever see the same numbers):
-PATH_STREAM = 0  # which layers run (RaPTr, LayerDrop, PLD, depth x width's path)
-OBJECTIVE_STREAM = 1  # the trainer's masking / denoising of training batches
-EVAL_STREAM = 2  # ... of validation batches (fixed across the run)
-HEADS_STREAM = 11  # width subnetworks: kept heads (KV groups)
-UNITS_STREAM = 12  # width subnetworks: kept FFN units
-
-
-def step_generator(seed: int, step: int, stream: int = PATH_STREAM) -> torch.Generator:
-    """A CPU generator that depends only on (seed, step, stream): identical on every rank."""
-    mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) % (2**63 - 1)
-    return torch.Generator().manual_seed(mixed)
-
-
 class PathSampler:
     """Which layers run at a step. Fixed layers always run; the rest are drawn with prob p."""
 
@@ -433,16 +373,9 @@ class LayerGate:
 
     It overrides ``__call__`` (not ``forward``), so the decision is plain Python outside the
     layer's hooks, gradient checkpointing and compiled code: ``layer.compile()`` or FSDP2's
-    ``fully_shard(layer)`` never see it, and changing paths never recompiles anything.
-
-    A skipped layer returns what a run one would, in the same structure: its input as the hidden
-    state, and for a layer that returns a tuple (Falcon, Bloom, T5, every layer of transformers
-    4.x) the same tuple, whose other entries are None or, where the architecture threads values
-    through its layers (T5's position biases), the value the layer was given (``passthrough``:
-    output index -> argument name, from the model registry). Each layer learns its output
-    structure from its own calls (any mode, any path); one skipped before it ever ran takes that of
-    a layer of the same class in its stack that has (the first layer usually runs first), and only
-    if none has, runs once without gradients to learn it.
+    ``fully_shard(layer)`` never see it, and changing paths never recompiles anything. A skipped
+    layer returns its input, in the structure the layer's own output has; what that takes in
+    transformers (tuples, collected outputs, KV caches) is ``raptr.layer_calls``.
     """
 
     _gate_run: bool = True
@@ -450,7 +383,7 @@ class LayerGate:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.training:  # eval runs every layer, unscaled: a whole-model compile traces straight through
-            return self._gate_seen(super().__call__(*args, **kwargs))
+            return calls.seen(self, super().__call__(*args, **kwargs))
         return self._gate_train_call(*args, **kwargs)
 
     # Whole-model ``torch.compile(model)`` must not trace the path decision: dynamo would guard on
@@ -470,23 +403,23 @@ class LayerGate:
     def _gate_before(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, Any]:
         """The layer's arguments (with no fresh KV cache), and its output if it is skipped (else None)."""
         hidden = args[0] if args else kwargs["hidden_states"]
-        args, kwargs = _train_mode_cache(self, args, kwargs, hidden)
+        args, kwargs = calls.train_mode_cache(self, args, kwargs, hidden, self._gate_run)
         host = self.__dict__.get("_gate_host")
         if host is not None and not host["stepped"] and not host["warned"]:
             host["warned"] = True
             warnings.warn("raptr: a wrapped model ran a training forward before any path was set, so it trains the "
                           "full model: call rp.step(step) before each optimizer step", stacklevel=3)
         if host is not None and host["partial"]:
-            _refuse_inner_cache(self)
+            calls.refuse_inner_cache(self)
         if self._gate_run:
             return args, kwargs, None
-        out = self._gate_identity(hidden, args, kwargs)  # identity: y_l = y_{l-1}
-        self._gate_record(args, out)
+        out = calls.identity(self, hidden, args, kwargs)  # identity: y_l = y_{l-1}
+        calls.record_skipped(self, args, out)
         return args, kwargs, out
 
     @torch.compiler.disable
     def _gate_after(self, args: tuple, kwargs: dict, out: Any) -> Any:
-        out = self._gate_seen(out)
+        out = calls.seen(self, out)
         if self._gate_scale == 1.0:
             return out
         # y_l = y_{l-1} + a * f(y_{l-1}): scale the whole residual branch of the layer.
@@ -500,125 +433,6 @@ class LayerGate:
         name, so a gated layer is saved as its own class and gated again on load (raptr must be importable)."""
         _, _, state, *rest = super().__reduce_ex__(protocol)
         return (_new_gated, (type(self).__bases__[1],), state, *rest)
-
-    def _gate_seen(self, out: Any) -> Any:
-        n = len(out) if isinstance(out, tuple) else 0
-        self.__dict__["_gate_out_len"] = n  # this instance's contract
-        stack = self.__dict__.get("_gate_stack")
-        if stack is not None:
-            stack[type(self)] = n  # ... and its stack's, for siblings that have not run yet
-        return out
-
-    def _gate_identity(self, hidden: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-        n = self.__dict__.get("_gate_out_len")
-        if n is None:
-            n = (self.__dict__.get("_gate_stack") or {}).get(type(self))
-        if n is None:  # neither it nor a sibling ever ran: learn what this layer returns from one real call
-            with torch.no_grad():  # forward, not __call__: no hooks fire (no one sees a layer that "ran")
-                self._gate_seen(self.forward(*args, **kwargs))
-            n = self.__dict__["_gate_out_len"]
-        if not n:
-            return hidden
-        passthrough = self.__dict__.get("_gate_passthrough") or {}
-        given = {}
-        if passthrough:
-            import inspect
-
-            given = inspect.signature(self.forward).bind_partial(*args, **kwargs).arguments
-        return (hidden,) + tuple(given.get(passthrough[i]) if i in passthrough else None for i in range(1, n))
-
-
-    def _gate_record(self, args: tuple, out: Any) -> None:
-        """Keep outputs that HF collects per layer aligned with the layers.
-
-        transformers 5 gathers ``output_hidden_states`` / ``output_attentions`` / router logits with
-        forward hooks (``transformers.utils.output_capturing``), which a skipped layer never fires.
-        Fire the hidden-state and attention ones: the layer's own with its (identity) output, so
-        ``hidden_states`` keeps L+1 entries (a skipped layer's output is its input), and its
-        submodules' with None, so ``attentions`` has None where a layer was skipped. Everything else
-        (MoE router logits, and with them the load-balancing loss) is gathered from the layers that
-        ran only, as in the model without the skipped layers. No other hook sees a skipped layer.
-        """
-        for module in self.modules():
-            for hook in list(module._forward_hooks.values()):
-                if getattr(hook, "__name__", "") != "output_capturing_hook":
-                    continue
-                key = _captured_key(hook)
-                if key == "hidden_states" and module is self:
-                    hook(module, args, out)
-                elif key is not None and key.endswith("attentions"):
-                    hook(module, args, out if module is self else None)
-
-
-def _captured_key(hook: Any) -> str | None:
-    """Which output a transformers output-capturing hook collects (its closure's ``key``)."""
-    code, cells = getattr(hook, "__code__", None), getattr(hook, "__closure__", None)
-    if code is None or not cells or "key" not in code.co_freevars:
-        return None
-    value = cells[code.co_freevars.index("key")].cell_contents
-    return value if isinstance(value, str) else None
-
-
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # transformers 5.2x names it `cache`
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_position(cls: type) -> int | None:
-    """Index in ``forward``'s positional arguments (after self) of its KV-cache parameter, if it has one."""
-    import inspect
-
-    try:
-        names = list(inspect.signature(cls.forward).parameters)[1:]
-    except (TypeError, ValueError):
-        return None
-    return next((names.index(k) for k in _CACHE_KWARGS if k in names), None)
-
-
-def _train_mode_cache(layer: nn.Module, args: tuple, kwargs: dict, hidden: Any) -> tuple[tuple, dict]:
-    """The KV cache a train-mode layer call gets: none, if the model made a fresh one for training.
-
-    A training forward of an HF decoder builds an empty cache (``use_cache`` defaults to true) and
-    each layer fills its entry; nothing reads it, a partial path leaves it incomplete, and a
-    compiled layer would guard on which entries are filled (a graph per layer). So with gradients
-    on, a fresh cache is not passed to the layers (``outputs.past_key_values`` stays empty). A
-    cache that already holds positions means cached decoding (``generate``, which runs without
-    gradients) in train mode: fine on the full path, refused with one line on a partial one (the
-    skipped layers' entries would be missing or stale).
-    """
-    key = next((k for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
-    position = None
-    if key is None:  # some layers take the cache positionally (GPT-2, BART, MPT)
-        position = _cache_position(type(layer))
-        if position is None or position >= len(args) or args[position] is None:
-            return args, kwargs
-    cache = kwargs[key] if key is not None else args[position]
-    if not hasattr(cache, "get_seq_length") or not torch.is_tensor(hidden) or hidden.dim() != 3:
-        return args, kwargs
-    inner = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder's: its decoder self-attention part
-    layers = getattr(inner, "layers", None)
-    cached = max([entry.get_seq_length() for entry in layers], default=0) if layers else inner.get_seq_length()
-    if cached == 0 and torch.is_grad_enabled():
-        if key is not None:
-            return args, {**kwargs, key: None}
-        return args[:position] + (None,) + args[position + 1:], kwargs
-    if not layer._gate_run and cached > hidden.shape[1]:
-        raise RaptrError("cached decoding (generate / past_key_values) with a partial RaPTr path in train mode would "
-                         "give wrong logits: call model.eval() before generating (eval runs every layer), or "
-                         "pass use_cache=False")
-    return args, kwargs
-
-
-def _refuse_inner_cache(layer: nn.Module) -> None:
-    """A layer that keeps its KV cache inside it (litgpt's ``attn.kv_cache``, set for decoding) gets no
-    cache argument to look at: on a partial path in train mode its cached keys/values would go stale
-    or be read by a different path than wrote them. Refused with one line, whatever keeps them."""
-    for name, module in layer.named_modules():
-        for key, child in module._modules.items():
-            if child is not None and "cache" in key.lower():
-                where = f"{name}.{key}" if name else key
-                raise RaptrError(f"a wrapped layer keeps a KV cache inside it ({type(layer).__name__}.{where}), which a "
-                                 "partial RaPTr path in train mode would leave stale: decode in eval mode (every layer "
-                                 "runs), or clear the cache before training (litgpt: model.clear_kv_cache())")
 
 
 _GATED_CLASSES: dict[type, type] = {}

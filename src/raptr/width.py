@@ -57,10 +57,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raptr.core import (HEADS_STREAM, SCALINGS, UNITS_STREAM, RankAgreement, Stages, branch_scale, parse_fixed,
-                        parse_numbers, step_generator)
+from raptr.core import SCALINGS, Stages, branch_scale, parse_fixed, parse_numbers
 from raptr.errors import RaptrError
 from raptr.flops import LayerShape
+from raptr.ranks import HEADS_STREAM, UNITS_STREAM, RankAgreement, step_generator
 
 
 def _supported() -> str:

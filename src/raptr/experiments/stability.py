@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from raptr.core import PathSampler, branch_scale, step_generator
+from raptr.core import PathSampler, branch_scale
+from raptr.ranks import step_generator
 from raptr.errors import RaptrError
 
 ARCHS = ("res+LN", "res, no LN", "LN, no res")
@@ -211,7 +212,7 @@ def stability_verdict(slopes: dict[str, float], values: dict[str, list[float]]) 
 # ---------------------------------------------------------------------------------------- (b) trained run
 def _loss(trainer, n_batches: int) -> float:
     """The trainer's held-out loss with the model as it is now (train mode: gates act)."""
-    from raptr.core import EVAL_STREAM
+    from raptr.ranks import EVAL_STREAM
 
     losses = []
     for i, tokens in enumerate(trainer.batches.val[:n_batches]):

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from raptr.core import PATH_STREAM, GatedLayers, step_generator
+from raptr.core import GatedLayers
+from raptr.ranks import PATH_STREAM, step_generator
 from raptr.errors import RaptrError
 from raptr.methods.base import Method, StepInfo, TrainingContext
 from raptr.models.registry import check_must_run, layer_contract

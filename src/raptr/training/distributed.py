@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raptr.core import path_hash, ranks_agree
+from raptr.ranks import path_hash, ranks_agree
 from raptr.errors import RaptrError
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from raptr.core import EVAL_STREAM, OBJECTIVE_STREAM, step_generator
+from raptr.ranks import EVAL_STREAM, OBJECTIVE_STREAM, step_generator
 from raptr.errors import RaptrError
 from raptr.flops import ModelFlops
 from raptr.methods.base import Method, TrainingContext, decay_groups
