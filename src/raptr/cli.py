@@ -13,7 +13,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from raptr.errors import RaptrError
+from raptr.errors import INTERRUPTED, RaptrError
 
 console = Console(stderr=False)
 
@@ -255,9 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     from raptr.experiments.protocol import EXPERIMENTS
 
     p = sub.add_parser("experiment", help="paper experiments: " + ", ".join(EXPERIMENTS),
-                       epilog="\n".join(f"  {n}: {e.summary}; keys: " + ", ".join(f.name for f in dataclasses.fields(e.config))
-                                        for n, e in EXPERIMENTS.items()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def experiment_help(p=p, format_help=p.format_help) -> str:  # imports the experiments only when asked
+        p.epilog = "\n".join(f"  {n}: {e.summary}; keys: " + ", ".join(f.name for f in dataclasses.fields(e.config))
+                             for n, e in EXPERIMENTS.items())
+        return format_help()
+
+    p.format_help = experiment_help
     p.add_argument("name", choices=sorted(EXPERIMENTS))
     p.add_argument("overrides", nargs="*", help="key=value overrides of the experiment's config, e.g. steps=50 seeds=0,1")
     p.add_argument("--preset", default="cpu", help="config preset (cpu, tiny where the experiment has one)")
@@ -316,8 +321,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from raptr.__main__ import INTERRUPTED
-
         print(INTERRUPTED, file=sys.stderr)
         return 130
     except Exception as e:  # last resort: never a raw traceback on the user's screen

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from raptr.core import RaPTr, Schedule
 from raptr.errors import RaptrError
+from raptr.experiments.presets import preset_config
 from raptr.methods.base import TrainingContext
 from raptr.methods.pld import ProgressiveLayerDrop
 from raptr.methods.pld import PLDOptions
@@ -293,8 +294,6 @@ def train_one(method: str, cfg: PolynomialConfig, seed: int, target: Target, eva
 
 # ---------------------------------------------------------------------------------------- entry point
 def make_config(preset: str = "cpu", **overrides: Any) -> PolynomialConfig:
-    from raptr.experiments.protocol import preset_config
-
     cfg = preset_config("polynomial", PRESETS, preset, overrides)
     validate(cfg)
     return cfg

@@ -44,11 +44,15 @@ class SchedulesConfig:
 class Experiment:
     name: str
     summary: str
-    config: type  # the typed config dataclass
+    config_of: Callable[[], type]  # the typed config dataclass (its module is imported on first use)
     presets: Callable[[], dict[str, Any]]  # name -> config instance (loaded on use)
     run: Callable[[Any, Path, bool, str], Path]  # (cfg, out, progress, preset) -> report path
     rebuild: Callable[[Path], Path]  # report again from the results on disk
     owns: Callable[[Path], bool]  # whether a results directory was written by this experiment
+
+    @property
+    def config(self) -> type:
+        return self.config_of()
 
 
 def _polynomial():
@@ -133,34 +137,23 @@ def _results_of(kind: str) -> Callable[[Path], bool]:
 EXPERIMENTS: dict[str, Experiment] = {
     "polynomial": Experiment(
         "polynomial", "RaPTr vs standard training and PLD on sparse parities (the paper's §3 study)",
-        _polynomial().PolynomialConfig, lambda: _polynomial().PRESETS,
+        lambda: _polynomial().PolynomialConfig, lambda: _polynomial().PRESETS,
         lambda cfg, out, progress, preset: _polynomial().run_config(cfg, out, progress, preset),
         lambda out: _polynomial().rebuild(out), _results_of("polynomial")),
     "stability": Experiment(
         "stability", "stability Ψ of skipping a layer vs depth, and loss jumps at a trained run's transitions",
-        _stability().StabilityConfig, lambda: _stability().PRESETS,
+        lambda: _stability().StabilityConfig, lambda: _stability().PRESETS,
         lambda cfg, out, progress, preset: _stability().run_config(cfg, out, progress, preset),
         lambda out: _stability().rebuild(out), _results_of("stability")),
     "schedules": Experiment(
         "schedules", "schedule robustness: RaPTr variants compared on one base run (a comparison)",
-        SchedulesConfig, lambda: {"cpu": SchedulesConfig()}, _run_schedules, _rebuild_comparison,
+        lambda: SchedulesConfig, lambda: {"cpu": SchedulesConfig()}, _run_schedules, _rebuild_comparison,
         lambda out: (Path(out) / "compare.json").is_file()),
     "probes": Experiment(
         "probes", "downstream probes (sentiment, subjectivity, cloze, source) of finished runs' checkpoints",
-        ProbesConfig, lambda: {"cpu": ProbesConfig()}, _run_probes, _rebuild_probes,
+        lambda: ProbesConfig, lambda: {"cpu": ProbesConfig()}, _run_probes, _rebuild_probes,
         lambda out: (Path(out) / "probes.json").is_file()),
 }
-
-
-def preset_config(kind: str, presets: dict, preset: str, overrides: dict) -> Any:
-    """``dataclasses.replace(presets[preset], **overrides)`` with one error line for an unknown preset or key."""
-    if preset not in presets:
-        raise RaptrError(f"unknown {kind} preset {preset!r}: use one of {', '.join(presets)}")
-    names = {f.name for f in dataclasses.fields(presets[preset])}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise RaptrError(f"unknown {kind} option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(names))}")
-    return dataclasses.replace(presets[preset], **overrides)
 
 
 def experiment(name: str) -> Experiment:

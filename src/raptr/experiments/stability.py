@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from raptr.core import PathSampler, branch_scale
-from raptr.ranks import step_generator
 from raptr.errors import RaptrError
+from raptr.experiments.presets import preset_config
+from raptr.ranks import step_generator
 
 ARCHS = ("res+LN", "res, no LN", "LN, no res")
 _SWITCHES = {"res+LN": (True, True), "res, no LN": (True, False), "LN, no res": (False, True)}  # (residual, layer_norm)
@@ -361,8 +362,6 @@ def transition_verdict(measurements: list[dict], jumps: list[dict]) -> tuple[str
 
 # ---------------------------------------------------------------------------------------- entry point
 def make_config(preset: str = "cpu", **overrides: Any) -> StabilityConfig:
-    from raptr.experiments.protocol import preset_config
-
     cfg = preset_config("stability", PRESETS, preset, overrides)
     validate(cfg)
     return cfg
