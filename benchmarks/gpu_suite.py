@@ -125,6 +125,17 @@ class Suite:
     def lengths(L: int) -> list[int]:
         return sorted({max(2, L // 4), L // 2, 3 * L // 4, L})
 
+    def wrapped_model(self, size: str, objective: str):
+        """(config, model wrapped with every layer running, layers, FLOPs model, wrapper, optimizer, batch)."""
+        cfg = load_config(None, self.overrides(size, objective))
+        torch.manual_seed(0)
+        model = build_model(cfg, cfg.data.vocab_size).to(self.device).train()
+        flops = model.flops(cfg.data.seq_len, 0.15 if objective == "mlm" else 1.0)
+        rp = raptr.wrap(model, schedule="p:1", total_steps=1)
+        rp.step(0)
+        return (cfg, model, cfg.model.n_layers, flops, rp, make_optimizer(model, cfg.optim),
+                self.batch(size, mlm=objective == "mlm"))
+
     def timed(self, fn) -> float:
         self.sync()
         t0 = time.perf_counter()
@@ -165,6 +176,7 @@ class Suite:
         wrapped = copy.deepcopy(plain)
         L = cfg.model.n_layers
         rp = raptr.wrap(wrapped, schedule="p:1", total_steps=1)
+        rp.step(0)  # p = 1: the full path
         batch = self.batch(size, mlm=False)
         with self.autocast():
             a, b = plain(**batch), wrapped(**batch)
@@ -218,14 +230,7 @@ class Suite:
         above what the model and optimizer hold before the step."""
         out = {}
         for size, objective in (("encoder (BERT-base-like)", "mlm"), ("decoder (GPT-2-small-like)", "causal")):
-            cfg = load_config(None, self.overrides(size, objective))
-            torch.manual_seed(0)
-            model = build_model(cfg, cfg.data.vocab_size).to(self.device).train()
-            L = cfg.model.n_layers
-            flops = model.flops(cfg.data.seq_len, 0.15 if objective == "mlm" else 1.0)
-            rp = raptr.wrap(model, schedule="p:1", total_steps=1)
-            opt = make_optimizer(model, cfg.optim)
-            batch = self.batch(size, mlm=objective == "mlm")
+            cfg, model, L, flops, rp, opt, batch = self.wrapped_model(size, objective)
             self.train_step(model, opt, batch)  # optimizer state for every layer exists from here on
             params = {p.untyped_storage().data_ptr() for p in model.parameters()}
             rows = []
@@ -267,14 +272,7 @@ class Suite:
     def skip_speed(self) -> dict:
         out = {}
         for size, objective in (("encoder (BERT-base-like)", "mlm"), ("decoder (GPT-2-small-like)", "causal")):
-            cfg = load_config(None, self.overrides(size, objective))
-            torch.manual_seed(0)
-            model = build_model(cfg, cfg.data.vocab_size).to(self.device).train()
-            L = cfg.model.n_layers
-            flops = model.flops(cfg.data.seq_len, 0.15 if objective == "mlm" else 1.0)
-            rp = raptr.wrap(model, schedule="p:1", total_steps=1)
-            opt = make_optimizer(model, cfg.optim)
-            batch = self.batch(size, mlm=objective == "mlm")
+            cfg, model, L, flops, rp, opt, batch = self.wrapped_model(size, objective)
             ks = self.lengths(L)
             rows = {}
             for mode in ("eager", "compiled"):
