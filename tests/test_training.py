@@ -380,3 +380,23 @@ def test_a_lost_metrics_history_is_resumed_with_a_warning_saying_what_was_lost(t
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"][-4:] == [5, 6, 7, 8]  # training went on
     assert any(r["kind"] == "warning" and expect in r["message"] for r in rows)
+
+
+def test_the_recorded_commit_is_dirty_only_for_changes_to_the_code(tmp_path):
+    """A comparison rewrites its own results (compare.json) while runs start: that is not code, and must
+    not mark the run's commit ``+dirty``; a change under src/raptr must."""
+    root = Path(__file__).resolve().parents[1]
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--no-checkout", str(root), str(clone)], check=True)
+    subprocess.run(["git", "checkout", "-q", "HEAD", "--", "src", "README.md"], cwd=clone, check=True)
+    code = "from raptr.training.trainer import git_commit; print(git_commit())"
+
+    def commit() -> str:
+        return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONPATH": str(clone / "src")}).stdout.strip()
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    (clone / "README.md").write_text("results written beside the code\n")
+    assert commit() == head
+    (clone / "src" / "raptr" / "errors.py").write_text((clone / "src" / "raptr" / "errors.py").read_text() + "\n# edited\n")
+    assert commit() == head + "+dirty"

@@ -13,7 +13,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from raptr.errors import INTERRUPTED, RaptrError
+from raptr.errors import INTERRUPTED, Preempted, RaptrError
 
 console = Console(stderr=False)
 
@@ -313,12 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan" and args.schedule is None and args.target is None:
             parser.error("plan needs --schedule or --target")
         return args.func(args)
+    except Preempted as e:  # stopped by a signal after writing a checkpoint
+        print((str(e).splitlines() or [""])[0], file=sys.stderr)
+        return e.exit_code
     except RaptrError as e:
-        first = (str(e).splitlines() or [""])[0]
-        if hasattr(e, "exit_code"):  # preempted: a checkpoint was written
-            print(first, file=sys.stderr)
-            return e.exit_code
-        print(f"error: {first}", file=sys.stderr)
+        print(f"error: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)

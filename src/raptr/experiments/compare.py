@@ -31,11 +31,10 @@ import numpy as np
 from rich.console import Console
 from tqdm.auto import tqdm
 
-from raptr.errors import RaptrError
+from raptr.errors import Preempted, RaptrError
 from raptr.training.build import build_trainer, prepare_data, tokenizer_kind
 from raptr.training.config import RunConfig, flatten, from_dict, load_config, load_yaml, resolve_config_path, to_dict
 from raptr.training.runfiles import read_jsonl, write_json_atomic
-from raptr.training.trainer import Preempted
 
 console = Console()
 

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from raptr.ranks import EVAL_STREAM, OBJECTIVE_STREAM, step_generator
-from raptr.errors import RaptrError
+from raptr.errors import Preempted, RaptrError
 from raptr.flops import ModelFlops
 from raptr.methods.base import Method, TrainingContext, decay_groups
 from raptr.models.registry import find_layer_stack
@@ -45,17 +45,6 @@ SAFE_ON_RESUME = {
     "train.out_dir", "train.path_check_every", "train.threads", "train.max_nonfinite_steps",
 }
 DIVERGENCE_WINDOW, DIVERGENCE_RISE = 20, 1.0  # mean loss of 20 steps 1 nat above its best: diverging
-
-
-class Preempted(RaptrError):
-    """SIGTERM/SIGINT stopped the run at a step boundary, after writing a checkpoint."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum, self.exit_code = signum, 128 + signum
-
-    def __reduce__(self):  # crosses process boundaries (compare --workers)
-        return Preempted, (str(self), self.signum)
 
 
 def lr_at(step: int, total: int, opt: OptimConfig) -> float:
@@ -93,7 +82,8 @@ def git_commit() -> str | None:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if rev.returncode:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        # only the package's own files count: results a comparison writes beside it are not code
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", str(here.parent)], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
