@@ -257,3 +257,21 @@ def test_a_method_from_a_test_file_runs_under_lightning(skipone, austen_sequence
     per_layer = sum(p.numel() for p in find_layer_stack(module.model)[0].parameters())
     n = module.model.num_parameters(exclude_embeddings=True)
     assert cb.total_flos == 6 * 4 * 32 * (4 * n - 2 * per_layer)
+
+
+def test_options_built_in_python_are_checked_like_a_config_file():
+    """``RaPTrMethod(RaPTrOptions(scaling="sqr"))`` fails at construction with the YAML path's line,
+    not later at attach; ``raptr.wrap`` and the HF/Lightning callbacks build their options the same way."""
+    import raptr
+    from raptr.errors import RaptrError
+    from raptr.methods import RaPTrMethod, RaPTrOptions
+    from raptr.methods.layerdrop import LayerDropOptions
+    from raptr.methods.registry import method_class
+
+    with pytest.raises(RaptrError, match=r"^'method.raptr.scaling' is 'sqr': use one of none, sqrt, linear$"):
+        RaPTrMethod(RaPTrOptions(scaling="sqr"))
+    with pytest.raises(RaptrError, match=r"'method.layerdrop.keep_prob' must be a number"):
+        method_class("layerdrop")(LayerDropOptions(keep_prob="most"))
+    with pytest.raises(RaptrError, match=r"^'sampling' is 'random': use one of bernoulli, uniform$"):
+        raptr.wrap(torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(4)]), "3-4", 10, sampling="random")
+    assert RaPTrMethod(RaPTrOptions(full_warmup=1)).options.full_warmup == 1.0  # converted, as YAML's 1 would be

@@ -221,7 +221,7 @@ def test_stacking_relative_flops_and_schedule_errors():
     assert prop.expected_relative_flops() == pytest.approx((100 * 6 + 200 * 9 + 300 * 12) / (600 * 12))
     with pytest.raises(RaptrError, match="ends at 12 layers but the model has 6"):
         attach(GradualStacking(StackingOptions(schedule="6-9-12")), tiny_lm(6), total_steps=10)
-    with pytest.raises(RaptrError, match="copy mode"):
+    with pytest.raises(RaptrError, match="'method.stacking.copy' is 'bottom': use one of top, middle"):
         GradualStacking(StackingOptions(copy="bottom"))
     with pytest.raises(RaptrError, match="optimizer_state"):
         GradualStacking(StackingOptions(optimizer_state="keep"))

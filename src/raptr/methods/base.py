@@ -23,6 +23,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from raptr import typed
 from raptr.errors import RaptrError
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ class Method:
             options = self.Options()
         if self.Options is not None and not isinstance(options, self.Options):
             raise RaptrError(f"{type(self).__name__} takes {self.Options.__name__}, got {type(options).__name__}")
+        if options is not None:
+            typed.check_fields(options, f"method.{self.name}.")  # the same checks as a config file's
         self.options = options
         if hasattr(options, "check"):
             options.check()  # what can be checked without the model

@@ -7,6 +7,7 @@ from typing import Literal
 
 from torch import nn
 
+from raptr import typed
 from raptr.core import RaPTr, Schedule
 from raptr.methods.base import Method, StepInfo, TrainingContext
 from raptr.models.registry import check_must_run, find_layer_stack, layer_contract
@@ -47,6 +48,7 @@ def wrap(model: nn.Module, schedule: str = "6-8-10-12", total_steps: int = 10_00
     every rank drew the same path (0 = never).
     """
     opts = RaPTrOptions(schedule=schedule, **options)
+    typed.check_fields(opts)  # the same checks as a config file's
     layers = find_layer_stack(model)
     sched = build_schedule(opts, len(layers), total_steps)
     check_must_run(model, sched.fixed, "fixed=")

@@ -9,7 +9,6 @@ method and ``method.<name>.*`` are the fields of that method's ``Options`` datac
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from raptr import typed
 from raptr.errors import RaptrError
 from raptr.methods.registry import METHODS, method_class
 
@@ -123,70 +123,13 @@ class RunConfig:
         return Path(self.train.out_dir.format(name=self.name))
 
 
-def _scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _convert(value: Any, kind: Any, key: str) -> Any:
-    if kind is MethodConfig:
-        kind = method_config_type()
-    origin = typing.get_origin(kind)
-    if origin is Literal:
-        allowed = typing.get_args(kind)
-        if value not in allowed:
-            raise RaptrError(f"'{key}' is {value!r}: use one of {', '.join(map(str, allowed))}")
-        return value
-    if dataclasses.is_dataclass(kind):
-        if not isinstance(value, dict):
-            raise RaptrError(f"'{key}' must be a mapping of its fields, got {value!r}")
-        return from_dict(kind, value, key + ".")
-    if origin is list:
-        (item,) = typing.get_args(kind)
-        if isinstance(value, str):  # "0,1" on the command line: items parsed like single values, strings kept as written
-            value = [v if item is str else _scalar(v) for v in value.split(",") if v]
-        if not isinstance(value, list):
-            raise RaptrError(f"'{key}' must be a list, got {value!r}")
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise RaptrError(f"'{key}' must be true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise RaptrError(f"'{key}' must be an integer, got {value!r}")
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise RaptrError(f"'{key}' must be a number, got {value!r}")
-    if kind is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise RaptrError(f"'{key}' must be a string, got {value!r}")
-    raise TypeError(f"unsupported config type {kind} for {key}")
+def _resolve(kind: Any) -> Any:
+    return method_config_type() if kind is MethodConfig else kind  # the registered methods' options
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(prefix + n for n in names)}"
-            raise RaptrError(f"unknown config key '{prefix}{key}': {hint}")
-        kwargs[key] = _convert(value, hints[key], prefix + key)
-    return cls(**kwargs)
+    """``cls(**data)`` with every value converted and checked against its field's type (raptr.typed)."""
+    return typed.from_dict(cls, data, prefix, _resolve)
 
 
 def merge_dicts(base: dict, override: dict) -> dict:
