@@ -140,9 +140,10 @@ def refuse_inner_cache(layer: nn.Module) -> None:
     """A layer that keeps its KV cache inside it (litgpt's ``attn.kv_cache``, set for decoding) gets no
     cache argument to look at: on a partial path in train mode its cached keys/values would go stale
     or be read by a different path than wrote them. Refused with one line, whatever keeps them."""
-    for name, module in layer.named_modules():
+    for module in layer.modules():  # every partial-path training call: no names until one is found
         for key, child in module._modules.items():
             if child is not None and "cache" in key.lower():
+                name = next(n for n, m in layer.named_modules() if m is module)
                 where = f"{name}.{key}" if name else key
                 raise RaptrError(f"a wrapped layer keeps a KV cache inside it ({type(layer).__name__}.{where}), which a "
                                  "partial RaPTr path in train mode would leave stale: decode in eval mode (every layer "

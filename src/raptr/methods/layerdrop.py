@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from raptr.core import SCALINGS, GatedLayers, PathSampler, branch_scale, parse_fixed
+from raptr.core import GatedLayers, PathSampler, branch_scale, parse_fixed
 from raptr.errors import RaptrError
 from raptr.methods.base import Method, StepInfo, TrainingContext
 from raptr.models.registry import check_must_run, layer_contract
@@ -29,8 +29,6 @@ class LayerDropOptions:
     def check(self, num_layers: int | None = None, total_steps: int | None = None) -> None:
         if not 0.0 < self.keep_prob <= 1.0:
             raise RaptrError(f"LayerDrop keep_prob (method.layerdrop.keep_prob) must be in (0, 1], got {self.keep_prob}")
-        if self.scaling not in SCALINGS:
-            raise RaptrError(f"unknown LayerDrop scaling {self.scaling!r}: use one of {', '.join(SCALINGS)}")
         if num_layers is not None:
             parse_fixed(self.fixed, num_layers)
 

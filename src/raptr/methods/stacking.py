@@ -52,10 +52,7 @@ class StackingOptions:
     rewarmup_steps: int = 0  # linear LR re-warm-up at each growth (Reddi et al. use one)
 
     def check(self, num_layers: int | None = None, total_steps: int | None = None) -> None:
-        if self.copy not in COPY_MODES:
-            raise RaptrError(f"unknown stacking copy mode {self.copy!r}: use one of {', '.join(COPY_MODES)}")
-        if self.optimizer_state not in STATE_MODES:
-            raise RaptrError(f"unknown stacking optimizer_state {self.optimizer_state!r}: use one of {', '.join(STATE_MODES)}")
+        # copy / optimizer_state choices: checked by their Literal types (raptr.typed) before this runs
         if self.rewarmup_steps < 0:
             raise RaptrError(f"stacking rewarmup_steps (method.stacking.rewarmup_steps) must be >= 0, got {self.rewarmup_steps}")
         depths = parse_depths(self.schedule)
@@ -69,7 +66,6 @@ class StackingOptions:
 
 
 COPY_MODES = ("top", "middle")
-STATE_MODES = ("copy", "reset")
 
 
 def parse_depths(spec: str) -> list[int]:
