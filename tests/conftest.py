@@ -13,6 +13,8 @@ AUSTEN = "austen=" + str(Path(__file__).resolve().parent / "fixtures" / "austen"
 # Its 48 chapters are few, so hold out 15% of them (7 chapters) for validation and the probes.
 AUSTEN_DATA = [f"data.sources={AUSTEN}", "data.val_fraction=0.15"]
 # The probes' Rotten Tomatoes snippets, shipped too (tests/fixtures/README.md): no PyPI download.
+# Tests run the code as it is being written; evidence runs (`raptr compare`) refuse a dirty tree.
+os.environ.setdefault("RAPTR_ALLOW_DIRTY", "1")
 os.environ.setdefault("RAPTR_RT_CSV", str(Path(__file__).resolve().parent / "fixtures" / "rotten_tomatoes_corpus_full.csv.bz2"))
 
 

@@ -382,14 +382,15 @@ def test_a_lost_metrics_history_is_resumed_with_a_warning_saying_what_was_lost(t
     assert any(r["kind"] == "warning" and expect in r["message"] for r in rows)
 
 
-def test_the_recorded_commit_is_dirty_only_for_changes_to_the_code(tmp_path):
+def test_the_recorded_commit_is_dirty_only_for_changes_to_the_code(tmp_path, data_cache):
     """A comparison rewrites its own results (compare.json) while runs start: that is not code, and must
-    not mark the run's commit ``+dirty``; a change under src/raptr must."""
+    not mark the run's commit ``+dirty``; a change under src/raptr must, and then ``raptr train`` refuses
+    to start unless --allow-dirty, which keeps the diff in the run directory beside the machine record."""
     root = Path(__file__).resolve().parents[1]
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", "--no-checkout", str(root), str(clone)], check=True)
     subprocess.run(["git", "checkout", "-q", "HEAD", "--", "src", "README.md"], cwd=clone, check=True)
-    code = "from raptr.training.trainer import git_commit; print(git_commit())"
+    code = "from raptr.training.provenance import git_commit; print(git_commit())"
 
     def commit() -> str:
         return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
@@ -400,3 +401,15 @@ def test_the_recorded_commit_is_dirty_only_for_changes_to_the_code(tmp_path):
     assert commit() == head
     (clone / "src" / "raptr" / "errors.py").write_text((clone / "src" / "raptr" / "errors.py").read_text() + "\n# edited\n")
     assert commit() == head + "+dirty"
+    env = {"PYTHONPATH": str(clone / "src"), "RAPTR_ALLOW_DIRTY": "0"}
+    refused = raptr_cli(*_cli_args(tmp_path, data_cache), env=env)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "uncommitted changes" in refused.stderr and "--allow-dirty" in refused.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+    allowed = raptr_cli(*_cli_args(tmp_path, data_cache, "train.steps=2", "--allow-dirty"), env=env)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "+# edited" in (tmp_path / "run" / "code.diff").read_text()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["git_commit"] == head + "+dirty"
+    assert summary["machine"]["torch"] == torch.__version__ and summary["machine"]["threads"] >= 1
+    assert summary["machine"]["cpu"]

@@ -33,6 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.stop_after is not None and args.stop_after < 1:
         raise RaptrError(f"--stop-after {args.stop_after}: give a number of steps >= 1")
     cfg = load_config(args.config, args.overrides)
+    _code_in_history(args)
     trainer = build_trainer(cfg, progress=not args.quiet)
     if trainer.is_main:
         console.print(f"[bold]{cfg.name}[/]: method={cfg.method.name}, {cfg.train.steps} steps -> {trainer.out_dir}")
@@ -52,6 +53,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 3
     return 0
+
+
+def _code_in_history(args: argparse.Namespace) -> None:
+    """Results must trace to committed code: refuse a dirty src/raptr unless --allow-dirty (or
+    RAPTR_ALLOW_DIRTY=1, which the test suite sets); each run then keeps the diff as code.diff."""
+    import os
+
+    from raptr.training.provenance import refuse_dirty
+
+    refuse_dirty(args.allow_dirty or os.environ.get("RAPTR_ALLOW_DIRTY") == "1")
 
 
 def print_summary(s: dict) -> None:
@@ -176,6 +187,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from raptr.experiments.report import make_report
 
     cfg = load_compare_config(args.config, args.overrides)
+    _code_in_history(args)
     only = [a for chunk in args.only or [] for a in chunk.split(",") if a] or None
     root = run_compare(cfg, args.results, progress=not args.quiet, workers=args.workers, only=only,
                        seeds=_int_list(args.seeds, "--seeds"), budget_minutes=args.budget)
@@ -234,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="don't resume from the last checkpoint")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="run although src/raptr has uncommitted changes (the diff is kept in each run directory)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="run several methods on the same data and budget, then write a report")
@@ -246,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None,
                    help="minutes to spend: no run starts after it, running ones checkpoint and stop (resume later)")
     p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="run although src/raptr has uncommitted changes (the diff is kept in each run directory)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="regenerate the report and plots of a comparison or experiment from its files")

@@ -30,6 +30,7 @@ from raptr.flops import ModelFlops
 from raptr.methods.base import Method, TrainingContext, decay_groups
 from raptr.models.registry import find_layer_stack
 from raptr.training import distributed as D
+from raptr.training.provenance import code_diff, git_commit, machine
 from raptr.training.checkpoint import checkpoint_dirs, load_state, load_weights, save_checkpoint, set_aside, verify_checkpoint
 from raptr.training.config import OptimConfig, RunConfig, flatten, to_dict
 from raptr.training.runfiles import RunLock, append_jsonl, read_json, read_jsonl, truncate_jsonl, write_json_atomic
@@ -71,23 +72,6 @@ def make_optimizer(model: nn.Module, opt: OptimConfig) -> torch.optim.AdamW:
     decay, no_decay = decay_groups(model)  # no weight decay on biases and norms
     groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
-
-
-def git_commit() -> str | None:
-    """The commit of the code that ran (with ``+dirty`` for uncommitted changes), or None outside git."""
-    import subprocess
-
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if rev.returncode:
-            return None
-        # only the package's own files count: results a comparison writes beside it are not code
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", str(here.parent)], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 @dataclass
@@ -392,6 +376,8 @@ class Trainer:
                              "continue that run, pass --fresh to discard it, or pick another train.out_dir")
         if self.is_main:
             self._check_config(fresh)
+            diff = self.out_dir / "code.diff"  # code that is not in history: kept so the run can be rebuilt
+            diff.write_text(code_diff()) if str(self.git_commit).endswith("+dirty") else diff.unlink(missing_ok=True)
         D.barrier(self.dist)
         resumed = resume and self._resume()
         if self.is_main:
@@ -534,7 +520,7 @@ class Trainer:
             "relative_flops": c["flops"] / c["full_flops"] if c["full_flops"] else None,
             "expected_relative_layer_flops": self.method.expected_relative_flops(),
             "tokens": c["tokens"], "train_seconds": c["train_seconds"],
-            "git_commit": self.git_commit,
+            "git_commit": self.git_commit, "machine": machine(self.device),
             "nonfinite_steps": c.get("nonfinite_steps", 0),
             "diverged": any(w.startswith(("diverg", "diverged")) for w in self.warnings),
             "warnings": list(self.warnings),
