@@ -2,6 +2,7 @@
 report and evidence.json, and a suite run in pieces (only the missing runs run)."""
 
 import json
+import math
 import struct
 import time
 
@@ -126,6 +127,10 @@ def test_suite_in_pieces_runs_only_what_is_missing(tmp_path, data_cache):
     assert cmp["n"] == 2 and len(cmp["ci95"]) == 2
     d = [runs[f"raptr{s}"]["final_val_loss"] - runs[f"standard{s}"]["final_val_loss"] for s in ("", "-seed1")]
     assert cmp["mean_diff"] == pytest.approx(sum(d) / 2)
+    half90 = 6.3138 * abs(d[0] - d[1]) / math.sqrt(2) / math.sqrt(2)  # t_{0.95,1} * sd / sqrt(2), sd = |d0 - d1| / sqrt(2)
+    assert cmp["equivalence"]["ci90"] == pytest.approx([cmp["mean_diff"] - half90, cmp["mean_diff"] + half90])
+    assert cmp["equivalence"]["equivalent"] is (abs(cmp["mean_diff"]) + half90 < 0.03)
+    assert "equivalent within ±0.03? (TOST)" in (root / "report.md").read_text()
     assert {c["against"] for c in ev["comparisons"]} == {"standard", "standard-equiflop", "raptr"}
 
 

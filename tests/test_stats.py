@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from raptr.experiments.stats import decisive, first_crossing, interpolate, mean_std, paired_difference, t975, verdict
+from raptr.experiments.stats import equivalence, first_crossing, interpolate, mean_std, paired_difference, t975, verdict
 
 
 def test_paired_difference_and_t_interval_by_hand():
@@ -16,7 +16,7 @@ def test_paired_difference_and_t_interval_by_hand():
     assert d["std"] == pytest.approx(math.sqrt(1 / 12))
     assert d["half_width"] == pytest.approx(4.3027 / 6)
     assert d["ci95"] == pytest.approx([5 / 6 - 4.3027 / 6, 5 / 6 + 4.3027 / 6])
-    assert verdict(d) == "worse" and decisive(d)
+    assert verdict(d) == "worse" and equivalence(d)["equivalent"] is False
 
 
 def test_verdicts_from_the_interval():
@@ -25,7 +25,7 @@ def test_verdicts_from_the_interval():
     unclear = paired_difference({0: 1.0, 1: 1.2}, {0: 1.1, 1: 1.1})  # diffs -0.1, +0.1: mean 0, std 0.1414
     assert unclear["mean_diff"] == pytest.approx(0.0)
     assert unclear["half_width"] == pytest.approx(12.7062 * math.sqrt(0.02) / math.sqrt(2))
-    assert verdict(unclear).startswith("no detectable difference (±1.271)") and not decisive(unclear)
+    assert verdict(unclear).startswith("no detectable difference (±1.271)") and not equivalence(unclear)["equivalent"]
     one = paired_difference({0: 1.0}, {0: 2.0})
     assert one["mean_diff"] == -1.0 and one["ci95"] is None and verdict(one) == "one seed: no interval"
     assert verdict(paired_difference({0: 1.0}, {1: 1.0})) == "no paired runs"
@@ -78,14 +78,28 @@ def test_calibrated_seconds_price_each_logged_step_by_its_layers(tmp_path):
     assert width.calibrated == {}
 
 
-def test_seeds_needed_for_a_decisive_interval_by_hand():
-    from raptr.experiments.stats import seeds_needed
+def test_equivalence_is_a_two_one_sided_test_by_hand():
+    from raptr.experiments.stats import seeds_needed, t95
 
-    # sd 0.05: n=14 gives 2.1604 * 0.05 / sqrt(14) = 0.02887 <= 0.03; n=13 gives 2.1788 * 0.05 / sqrt(13) = 0.03021
-    assert seeds_needed({"std": 0.05}) == 14
-    assert seeds_needed({"std": 0.01}) == 3  # 4.3027 * 0.01 / sqrt(3) = 0.0248; n=2: 12.7062 * 0.01 / sqrt(2) = 0.0898
-    assert seeds_needed({"std": None}) is None
-    assert seeds_needed({"std": 2.0}) is None  # beyond 1000 seeds: 1.96 * 2 / sqrt(1000) = 0.124
+    # diffs +0.010, -0.010, +0.015: mean 0.005
+    d = paired_difference({0: 1.010, 1: 0.990, 2: 1.015}, {0: 1.0, 1: 1.0, 2: 1.0})
+    mean = 0.015 / 3  # (0.010 - 0.010 + 0.015) / 3
+    sd = math.sqrt(((0.010 - mean) ** 2 + (-0.010 - mean) ** 2 + (0.015 - mean) ** 2) / 2)
+    half90 = 2.9200 * sd / math.sqrt(3)  # t_{0.95, 2}
+    eq = equivalence(d)
+    assert eq["ci90"] == pytest.approx([mean - half90, mean + half90])
+    assert eq["equivalent"] is (mean + half90 < 0.03)  # 0.005 + 0.0223 = 0.0273 < 0.03: equivalent
+    assert eq["equivalent"] and verdict(d).startswith("no detectable difference")  # the 95% interval holds 0
+    assert equivalence(d, margin=0.02)["equivalent"] is False
+    # the ul2-tiny case: a 95% interval reaching +0.033 can still pass a TOST at ±0.03 (90% inside)
+    assert t95(1) == 6.3138 and t95(2) == 2.92 and t95(22) == t95(20) and t95(1000) == 1.6449
+    assert equivalence(paired_difference({0: 1.0}, {0: 1.0}))["equivalent"] is None  # one seed: no test
+    # seeds a TOST would need at the measured mean and sd: |mean| + t95(n-1) sd / sqrt(n) < margin
+    # mean 0.01, sd 0.02: n=5 gives 0.01 + 2.1318 * 0.02 / sqrt(5) = 0.02907 < 0.03; n=4: 0.01 + 2.3534 * 0.01 = 0.03353
+    assert seeds_needed({"mean_diff": 0.01, "std": 0.02}) == 5
+    assert seeds_needed({"mean_diff": -0.03, "std": 0.001}) is None  # the mean itself is at the margin
+    assert seeds_needed({"mean_diff": 0.0, "std": None}) is None
+    assert seeds_needed({"mean_diff": 0.0, "std": 2.0}) is None  # beyond 1000 seeds
 
 
 def test_transition_spike_test_by_hand():

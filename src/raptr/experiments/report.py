@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from raptr.errors import RaptrError  # noqa: E402
 from raptr.experiments.compare import CompareConfig, arm_seeds, last_step, parse_label, run_label  # noqa: E402
 from raptr.experiments.stats import (  # noqa: E402
-    DECISIVE_HALF_WIDTH, decisive, first_crossing, interpolate, mean_std, paired_difference, seeds_needed, t975, verdict)
+    EQUIVALENCE_MARGIN, equivalence, first_crossing, interpolate, mean_std, paired_difference, seeds_needed, t975, verdict)
 from raptr.training.config import from_dict  # noqa: E402
 from raptr.training.runfiles import read_json, read_jsonl  # noqa: E402
 
@@ -311,8 +311,8 @@ def build_evidence(root: str | Path) -> dict:
                                      {s: r.final for s, r in by_arm[ref].items()})
             comparisons.append({"arm": a["arm"], "against": ref, "mean_diff": diff["mean_diff"], "ci95": diff["ci95"],
                                 "half_width": diff["half_width"], "n": diff["n"], "seeds": diff["seeds"],
-                                "diffs": diff["diffs"], "verdict": verdict(diff), "decisive": decisive(diff),
-                                "seeds_for_decisive_half_width": None if decisive(diff) else seeds_needed(diff)})
+                                "diffs": diff["diffs"], "verdict": verdict(diff), "equivalence": equivalence(diff),
+                                "seeds_for_equivalence": seeds_needed(diff)})
     planned = [(arm.name, s, run_label(arm, s, cfg)) for arm in cfg.arms for s in arm_seeds(cfg, arm)] if cfg else []
     done = {r.label for r in finished}
     partial = {lab: last_step(root / "runs" / lab) for _, _, lab in planned if lab not in done and (root / "runs" / lab).is_dir()}
@@ -327,7 +327,7 @@ def build_evidence(root: str | Path) -> dict:
         "transitions": (steps := [t for r in finished for t in transitions(r, base_runs.get(r.seed))]),
         "transition_excess": transition_excess(steps),
         "missing": [{"arm": a, "seed": s, "label": lab, "steps_done": partial.get(lab)} for a, s, lab in planned if lab not in done],
-        "decisive_half_width": DECISIVE_HALF_WIDTH,
+        "equivalence_margin": EQUIVALENCE_MARGIN,
         "_runs": finished, "_by_arm": by_arm,
     }
 
@@ -385,15 +385,20 @@ def make_report(root: str | Path) -> Path:
                  "No quiet step-cost table (`benchmarks/step_cost.py`) is present, so only raw seconds are shown: "
                  "they were logged on a shared, loaded machine and are noise-prone."),
               "", "## Paired comparisons (final full-model val loss, arm − reference, same seeds)", "",
-              "| arm | against | n | mean diff | 95% CI | verdict | decides a 0.03-nat claim? |", "|---|---|---|---|---|---|---|"]
+              f"| arm | against | n | mean diff | 95% CI | verdict | 90% CI | equivalent within ±{EQUIVALENCE_MARGIN}? (TOST) |",
+              "|---|---|---|---|---|---|---|---|"]
     for c in ev["comparisons"]:
+        eq = c["equivalence"]
+        ci90 = "-" if eq["ci90"] is None else f"[{eq['ci90'][0]:+.4f}, {eq['ci90'][1]:+.4f}]"
         lines.append(f"| {c['arm']} | {c['against']} | {c['n']} | {_f(c['mean_diff'], '+.4f')} | {_ci(c)} | {c['verdict']} "
-                     f"| {_decides(c)} |")
+                     f"| {ci90} | {_equivalent(c)} |")
     lines += ["", "Negative = the arm reached a lower loss. Intervals are t intervals over the paired per-seed differences "
-              f"(t quantiles {', '.join(f'df={d}: {t975(d):.3f}' for d in (1, 2, 3))}). A verdict of *better*/*worse* "
-              f"means the interval excludes 0; an interval with half-width above {DECISIVE_HALF_WIDTH} nats that contains "
-              "0 cannot decide a claim of that size; *~N seeds* is the total number of seeds whose interval would be "
-              f"±{DECISIVE_HALF_WIDTH} wide at the paired differences' measured seed-to-seed sd.", ""]
+              f"(95%: t quantiles {', '.join(f'df={d}: {t975(d):.3f}' for d in (1, 2, 3))}). A verdict of *better*/*worse* "
+              "means the 95% interval excludes 0; *no detectable difference* means it contains 0, which is not a claim that "
+              f"the arms are alike. *Equivalent* comes only from a two one-sided test at ±{EQUIVALENCE_MARGIN} nats (each "
+              "one-sided test at 5%: the 90% interval lies inside the margin); *~N seeds* is how many seeds that test would "
+              "need if the mean difference and seed-to-seed sd stayed as measured. A result from one seed is labelled *one "
+              "seed* and is not evidence.", ""]
     lines += ["## Training health", "",
               f"Per seed: the largest gradient norm logged (before clipping, every logged step) and the first evaluation "
               f"step at which the full-model val loss was {PLATEAU_MARGIN} nats below the unigram plateau "
@@ -449,16 +454,16 @@ def _ci(row: dict) -> str:
     return "-" if row["ci95"] is None else f"[{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}]"
 
 
-def _decides(c: dict) -> str:
-    if c["decisive"]:
-        return "yes"
-    n = c.get("seeds_for_decisive_half_width")
+def _equivalent(c: dict) -> str:
+    eq = c["equivalence"]
     if not c["n"]:
         return "no paired runs"
-    if c["ci95"] is None:
-        return "no: one seed, add seeds"
-    return f"no: ~{n} seeds for ±{DECISIVE_HALF_WIDTH}" if n else f"no: over 1000 seeds for ±{DECISIVE_HALF_WIDTH}"
-
+    if eq["equivalent"] is None:
+        return "one seed: no test"
+    if eq["equivalent"]:
+        return "yes"
+    n = c.get("seeds_for_equivalence")
+    return f"no (~{n} seeds might show it)" if n else "no"
 
 # ------------------------------------------------------------------------------------ plots
 def _grid(seeds: dict[int, Run], key: str) -> tuple[list[float], list[list[float]]]:

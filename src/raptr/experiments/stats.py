@@ -1,5 +1,5 @@
 """The statistics a comparison's verdicts come from: paired differences over seeds, t intervals,
-time-to-target by interpolation. Plain Python, checked against hand-computed values in the tests.
+two one-sided tests of equivalence, time-to-target by interpolation. Plain Python, checked against hand-computed values in the tests.
 """
 
 from __future__ import annotations
@@ -12,19 +12,34 @@ T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.
         10: 2.2281, 11: 2.2010, 12: 2.1788, 13: 2.1604, 14: 2.1448, 15: 2.1314, 16: 2.1199, 17: 2.1098,
         18: 2.1009, 19: 2.0930, 20: 2.0860, 25: 2.0595, 30: 2.0423, 40: 2.0211, 60: 2.0003, 120: 1.9799}
 
+# One-sided 95% quantiles of t (0.95 quantile), for the 90% interval of a two one-sided test (TOST).
+T95 = {1: 6.3138, 2: 2.9200, 3: 2.3534, 4: 2.1318, 5: 2.0150, 6: 1.9432, 7: 1.8946, 8: 1.8595, 9: 1.8331,
+       10: 1.8125, 11: 1.7959, 12: 1.7823, 13: 1.7709, 14: 1.7613, 15: 1.7531, 16: 1.7459, 17: 1.7396,
+       18: 1.7341, 19: 1.7291, 20: 1.7247, 25: 1.7081, 30: 1.6973, 40: 1.6839, 60: 1.6706, 120: 1.6577}
+
 # A difference this small (nats of validation loss) is what the paper's claims turn on (e.g. RaPTr
-# 1.75 vs baseline 1.76 on BERT-base): a CI wider than this cannot decide them.
-DECISIVE_HALF_WIDTH = 0.03
+# 1.75 vs baseline 1.76 on BERT-base): "matches" is claimed only when a two one-sided test at this
+# margin passes (the 90% interval lies inside ±EQUIVALENCE_MARGIN).
+EQUIVALENCE_MARGIN = 0.03
+
+
+def _tabled(table: dict, df: int, infinite: float) -> float:
+    """A tabled t quantile; between entries, the next lower df's (a conservative, wider interval)."""
+    if df < 1:
+        raise ValueError("a t interval needs at least 2 observations")
+    if df in table:
+        return table[df]
+    return table[max(d for d in table if d < df)] if df <= 120 else infinite
 
 
 def t975(df: int) -> float:
-    """0.975 quantile of t with ``df`` degrees of freedom (tabled values; the next lower entry between them)."""
-    if df < 1:
-        raise ValueError("a t interval needs at least 2 observations")
-    if df in T975:
-        return T975[df]
-    below = [d for d in T975 if d < df]
-    return T975[max(below)] if df <= 120 else 1.9600
+    """0.975 quantile of t with ``df`` degrees of freedom."""
+    return _tabled(T975, df, 1.9600)
+
+
+def t95(df: int) -> float:
+    """0.95 quantile of t with ``df`` degrees of freedom."""
+    return _tabled(T95, df, 1.6449)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -69,21 +84,27 @@ def verdict(diff: dict, lower_is_better: bool = True) -> str:
     return f"no detectable difference (±{diff['half_width']:.3f})"
 
 
-def decisive(diff: dict) -> bool:
-    """Whether the interval is narrow enough (≤ DECISIVE_HALF_WIDTH) or excludes zero."""
-    if diff["ci95"] is None:
-        return False
-    lo, hi = diff["ci95"]
-    return hi < 0 or lo > 0 or diff["half_width"] <= DECISIVE_HALF_WIDTH
+def equivalence(diff: dict, margin: float = EQUIVALENCE_MARGIN) -> dict:
+    """Two one-sided tests (TOST, each at the 5% level) of |true difference| < ``margin``: equivalent
+    when the 90% t interval lies inside (−margin, +margin).
 
-
-def seeds_needed(diff: dict, half_width: float = DECISIVE_HALF_WIDTH, most: int = 1000) -> int | None:
-    """Seeds at which the interval of a difference with this seed-to-seed sd would be ``half_width``
-    wide: the least n with t(n-1) * sd / sqrt(n) <= half_width (None without an sd, or beyond ``most``)."""
+    Returns ``{"margin", "ci90": [lo, hi] | None, "equivalent": bool | None}`` (None: one seed, no test).
+    """
     if diff.get("std") is None:
+        return {"margin": margin, "ci90": None, "equivalent": None}
+    half = t95(diff["n"] - 1) * diff["std"] / math.sqrt(diff["n"])
+    lo, hi = diff["mean_diff"] - half, diff["mean_diff"] + half
+    return {"margin": margin, "ci90": [lo, hi], "equivalent": -margin < lo and hi < margin}
+
+
+def seeds_needed(diff: dict, margin: float = EQUIVALENCE_MARGIN, most: int = 1000) -> int | None:
+    """Seeds at which a TOST at ``margin`` would pass if the mean difference and seed-to-seed sd stayed
+    as measured: the least n with |mean| + t95(n-1) * sd / sqrt(n) < margin (None without an sd, when
+    |mean| is already at the margin, or beyond ``most``)."""
+    if diff.get("std") is None or abs(diff["mean_diff"]) >= margin:
         return None
     for n in range(2, most + 1):
-        if t975(n - 1) * diff["std"] / math.sqrt(n) <= half_width:
+        if abs(diff["mean_diff"]) + t95(n - 1) * diff["std"] / math.sqrt(n) < margin:
             return n
     return None
 
