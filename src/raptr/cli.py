@@ -214,6 +214,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_depth(args: argparse.Namespace) -> int:
+    from raptr.experiments.depth import depth_report
+
+    layers = _int_list(args.layers, "--layers") or []
+    command = "raptr depth " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""
+    console.print(f"report: {depth_report(args.runs, args.out, layers, args.keep or [], args.device, not args.quiet, command)}")
+    return 0
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from raptr.experiments.protocol import run
 
@@ -267,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="regenerate the report and plots of a comparison or experiment from its files")
     p.add_argument("results_dir", help="e.g. docs/results/clm-tiny, docs/results/polynomial")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("depth", help="evaluate trained runs served with k of their L layers (the rest skipped)")
+    p.add_argument("runs", nargs="+", help="run directories with a checkpoint (train.out_dir of each)")
+    p.add_argument("--layers", default="4,6,8,10,12", help="layer counts k; first and last kept, the rest evenly")
+    p.add_argument("--keep", action="append", help="a list of layers to keep instead, e.g. --keep 0,3,6,11 (repeatable)")
+    p.add_argument("--out", default="results/depth", help="where depth.md, depth.json and depth.png go")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_depth)
 
     from raptr.experiments.protocol import EXPERIMENTS
 

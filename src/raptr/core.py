@@ -380,9 +380,10 @@ class LayerGate:
 
     _gate_run: bool = True
     _gate_scale: float = 1.0
+    _gate_serve: bool = False  # eval follows the path too (a model served at reduced depth: GatedLayers.serve)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.training:  # eval runs every layer, unscaled: a whole-model compile traces straight through
+        if not self.training and not self._gate_serve:  # eval runs every layer, unscaled: compile traces straight through
             return calls.seen(self, super().__call__(*args, **kwargs))
         return self._gate_train_call(*args, **kwargs)
 
@@ -492,10 +493,18 @@ class GatedLayers:
     def run_all(self) -> None:
         self.set_path([True] * len(self.layers))
 
+    def serve(self, active: Sequence[bool] | None) -> None:
+        """Evaluate (and generate) with only the ``active`` layers, the others skipped as in training;
+        ``None``: every layer again. Eval mode otherwise ignores the path."""
+        self.set_path([True] * len(self.layers) if active is None else active)
+        for layer in self.layers:
+            layer._gate_serve = active is not None
+
     def unwrap(self) -> None:
         """Give the layers their own classes back (e.g. before pickling the whole model)."""
         for layer, cls in zip(self.layers, self.original_classes):
-            for name in ("_gate_run", "_gate_scale", "_gate_out_len", "_gate_passthrough", "_gate_stack", "_gate_host"):
+            for name in ("_gate_run", "_gate_scale", "_gate_serve", "_gate_out_len", "_gate_passthrough", "_gate_stack",
+                         "_gate_host"):
                 layer.__dict__.pop(name, None)
             layer.__class__ = cls
 

@@ -67,6 +67,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto", data_cache: str |
         method.attach(TrainingContext(model, find_layer_stack(model), cfg.train.steps, cfg.train.seed))
         method.load_state_dict(load_state(found[-1]).get("method", {}))
         load_weights(found[-1], model)
+        method.detach()  # a plain model: its own layer classes, as after training
     dev = resolve_device(device)
     model.to(dev).eval()  # eval: every layer runs, unscaled (RaPTr / LayerDrop gates are off)
     for p in model.parameters():
