@@ -88,7 +88,7 @@ def test_whole_model_compile_keeps_its_graphs_over_changing_paths(kind, backend)
     paths, losses = set(), []
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # the limit would raise, not fall back to eager
         for step in range(36):
-            paths.add(rp.step(step).active)
+            paths.add(rp.step(step).path)
             ref_rp.step(step)
             losses.append((_sgd_step(compiled, opt, ids), _sgd_step(ref, ref_opt, ids)))
     graphs = counters["stats"]["unique_graphs"]

@@ -86,7 +86,7 @@ for step in range(6):
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(100 * step + rank))
     ddp(ids, ids).backward()
     grads_none = [all(p.grad is None for p in layer.parameters()) for layer in model.blocks]
-    print(rank, step, "".join("1" if r else "0" for r in plan.active), "".join("1" if g else "0" for g in grads_none), file=log, flush=True)
+    print(rank, step, "".join("1" if r else "0" for r in plan.path), "".join("1" if g else "0" for g in grads_none), file=log, flush=True)
     opt.step(); opt.zero_grad(set_to_none=True)
 print(rank, "checksum", sum(float(p.double().sum()) for p in model.parameters()), file=log, flush=True)
 dist.destroy_process_group()

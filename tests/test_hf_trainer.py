@@ -209,7 +209,7 @@ def cb_plan(schedule, seed, step, **options):
 
     model = nn.Module()
     model.layer_stack = lambda: nn.ModuleList(nn.Linear(1, 1) for _ in range(L))
-    return raptr.wrap(model, schedule, STEPS, seed, **options).plan(step).active
+    return raptr.wrap(model, schedule, STEPS, seed, **options).method.raptr.plan(step).active
 
 
 def test_gradient_accumulation_micro_batches_share_a_path(corpus, tmp_path):
@@ -271,7 +271,7 @@ def test_resume_continues_the_schedule(corpus, tmp_path, arch):
     full, probe_full = train(corpus, arch, tmp_path / "full", RaPTrCallback(SCHEDULE, seed=7))
     ckpt = tmp_path / "full" / "checkpoint-6"
     saved = json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]["RaPTrCallback"]
-    assert saved["args"] == {"schedule": SCHEDULE, "seed": 7, "flops": "hf", "stage_lengths": "equal", "fixed": "first,last",
+    assert saved["args"] == {"schedule": SCHEDULE, "seed": 7, "flops": "hf", "seq_len": None, "stage_lengths": "equal", "fixed": "first,last",
                              "count_fixed": True, "sampling": "bernoulli", "scaling": "none", "full_warmup": 0.0,
                              "require_full_final": True}
     assert saved["attributes"]["total_steps"] == STEPS

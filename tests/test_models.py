@@ -65,7 +65,7 @@ def test_wrap_api_on_hf_models(arch):
         plan = rp.step(step)
         model.zero_grad(set_to_none=True)
         loss_of(model, ids).backward()
-        for run, layer in zip(plan.active, find_layer_stack(model)):
+        for run, layer in zip(plan.path, find_layer_stack(model)):
             assert all((p.grad is None) != run for p in layer.parameters())
 
 
@@ -140,7 +140,7 @@ def test_fixed_none_skips_first_and_last_layers_exactly():
     model = TransformerLM(TransformerConfig(vocab_size=V, d_model=32, n_layers=4, n_heads=2, d_ff=64, max_seq_len=T, causal=True))
     plain = copy.deepcopy(model)
     rp = raptr.wrap(model, schedule="2-4", total_steps=10, fixed="none")
-    runs = [sum(rp.sampler.sample(step, 0.5)[i] for step in range(2000)) / 2000 for i in (0, 3)]
+    runs = [sum(rp.method.raptr.sampler.sample(step, 0.5)[i] for step in range(2000)) / 2000 for i in (0, 3)]
     assert all(abs(f - 0.5) < 4 * (0.25 / 2000) ** 0.5 for f in runs), runs
     ids = torch.randint(0, V, (2, T))
     for active in ([False, True, True, True], [True, True, True, False], [False, True, False, False]):

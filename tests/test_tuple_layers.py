@@ -124,7 +124,7 @@ def test_t5_must_run_hint_names_indices_that_work():
         raptr.wrap(model, schedule="3-6", total_steps=10)  # default fixed: first,last = [0, 5]
     assert "fixed='0,3,5'" in str(e.value)
     rp = raptr.wrap(model, schedule="4-6", total_steps=10, fixed="0,3,5")  # the advice, followed
-    assert rp.schedule.fixed == (0, 3, 5)
+    assert rp.method.raptr.schedule.fixed == (0, 3, 5)
 
 
 def test_a_user_registration_keeps_what_raptr_knows_of_t5():
@@ -139,7 +139,7 @@ def test_a_user_registration_keeps_what_raptr_knows_of_t5():
         plain = copy.deepcopy(model)
         active = [True, False, True]  # encoder block 1 skipped: block 2 must get block 0's position bias
         rp = raptr.wrap(model, schedule="p:0.5-1", total_steps=10)
-        assert len(rp.gates) == 3 and rp.schedule.fixed == (0, 2)
+        assert len(rp.gates) == 3 and rp.method.raptr.schedule.fixed == (0, 2)
         rp.gates.set_path(active)
         ref = copy.deepcopy(plain)
         ref.encoder.block = nn.ModuleList([b for b, run in zip(ref.encoder.block, active) if run])

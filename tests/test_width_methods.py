@@ -132,7 +132,7 @@ def test_width_methods_under_the_hf_trainer(name, sequences, tmp_path):
                                  report_to=[], save_strategy="steps", save_steps=6, logging_steps=1, disable_tqdm=True)
         data = [{"input_ids": s, "labels": s.clone()} for s in sequences]
         trainer = RaptrTrainer(model=model, args=args, train_dataset=data,
-                               callbacks=[Clock(), MethodCallback(name, seed=seed, **CASES[name])])
+                               callbacks=[Clock(), MethodCallback(name, seed=seed, seq_len=T, **CASES[name])])
         trainer.train(resume_from_checkpoint=resume)
         return trainer, seen
 
@@ -166,7 +166,7 @@ def test_width_methods_under_lightning(name, sequences, tmp_path):
 
     def run(out, ckpt=None):
         module = LM()
-        cb = MethodCallback(name, seed=3, **CASES[name])
+        cb = MethodCallback(name, seed=3, seq_len=T, **CASES[name])
         saver = pl.callbacks.ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=6, save_top_k=-1)
         trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                              enable_model_summary=False, callbacks=[cb, saver], default_root_dir=out)
@@ -203,7 +203,7 @@ def test_width_under_the_hf_trainer_on_fused_projections(family, sequences, tmp_
         qkv = [layer.self_attn.qkv_proj for layer in model.model.layers]
     widths = []
     qkv[0].register_forward_hook(lambda m, a, o: torch.is_grad_enabled() and widths.append(o.shape[-1]))
-    callback = MethodCallback("width", seed=1, schedule="0.5-1")
+    callback = MethodCallback("width", seed=1, seq_len=T, schedule="0.5-1")
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=B, use_cpu=True,
                              report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, learning_rate=3e-3)
     data = [{"input_ids": s, "labels": s.clone()} for s in sequences]

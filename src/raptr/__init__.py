@@ -3,7 +3,7 @@
 Own training loop::
 
     import raptr
-    rp = raptr.wrap(model, schedule="6-8-10-12", total_steps=10_000)
+    rp = raptr.wrap(model, schedule="6-8-10-12", total_steps=10_000)   # or method="pld", "stacking", ...
     for step, batch in enumerate(loader):
         rp.step(step)                       # sample this step's path of layers
         model(**batch).loss.backward()
@@ -22,7 +22,7 @@ _EXPORTS = {
     "raptr.core": ("GatedLayers", "PathSampler", "RaPTr", "Schedule", "StepPlan"),
     "raptr.errors": ("RaptrError",),
     "raptr.flops": ("LayerShape", "ModelFlops", "schedule_relative_flops"),
-    "raptr.methods": ("RaPTrMethod", "RaPTrOptions", "wrap"),
+    "raptr.methods": ("Host", "RaPTrMethod", "RaPTrOptions", "wrap"),
     "raptr.models.registry": ("find_layer_stack", "register_layer_stack"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -192,10 +192,45 @@ def cmd_compare(args: argparse.Namespace) -> int:
     root = run_compare(cfg, args.results, progress=not args.quiet, workers=args.workers, only=only,
                        seeds=_int_list(args.seeds, "--seeds"), budget_minutes=args.budget)
     try:
-        console.print(f"report: {make_report(root)}")
+        report = make_report(root)
     except RaptrError as e:  # e.g. the baseline has not finished yet: the runs themselves went fine
         console.print(f"no report yet ({e})")
+        return 0
+    print_comparison(root / "evidence.json")
+    console.print(f"report: {report} (plots beside it)")
     return 0
+
+
+def print_comparison(evidence_path) -> None:
+    """The comparison at a glance: final loss at equal steps, FLOPs, wall-clock, and who is ahead at
+    equal FLOPs (the baseline's loss at each arm's FLOPs, from its evaluations); seed means."""
+    import json
+
+    ev = json.loads(evidence_path.read_text())
+    base = ev["baseline"]
+    table = Table(title=f"{ev['name']}: full-model val loss (unigram plateau {ev['unigram_val_loss']:.3f})"
+                  if ev.get("unigram_val_loss") else ev["name"])
+    table.caption = (f"val loss: after equal steps; FLOPs: relative to {base}; seconds: training time as logged; "
+                     f"at equal FLOPs: the arm's loss against {base}'s at the FLOPs the arm spent")
+    for col in ("arm", "seeds", "val loss", "FLOPs", "seconds", "at equal FLOPs"):
+        table.add_column(col, justify="left" if col in ("arm", "at equal FLOPs") else "right")
+    n_seeds = 0
+    for a in ev["arms"]:
+        n_seeds = max(n_seeds, len(a["seeds"]))
+        leads = [x for x in a.get("lead_at_equal_flops_per_seed", []) if x is not None]
+        lead = sum(leads) / len(leads) if leads else None
+        ahead = "-" if a["arm"] == base or lead is None else (
+            f"{a['arm']} ahead by {-lead:.3f}" if lead < 0 else f"{base} ahead by {lead:.3f}")
+        if a["arm"] == base:
+            ahead = "-"
+        rel = "-" if a["rel_flops"] is None else f"{a['rel_flops']:.2f}×"
+        secs = a.get("train_seconds_per_seed") or []
+        table.add_row(a["arm"], str(len(a["seeds"])), f"{a['final_val_loss_mean']:.4f}", rel,
+                      f"{sum(secs) / len(secs):.0f}" if secs else "-", ahead)
+    console.print(table)
+    if n_seeds < 2:
+        console.print("One seed shows what each method does, not which is better: a gap between two runs can be seed "
+                      "noise. The multi-seed evidence (paired seeds, intervals) is in docs/results.md.")
 
 
 def _int_list(text: str | None, flag: str) -> list[int] | None:

@@ -399,7 +399,7 @@ class WidthLayer:
 # --------------------------------------------------------------------------------------------
 
 
-def _plan_hash(plan) -> int:
+def plan_hash(plan) -> int:
     h = plan.step
     for group in (plan.heads, plan.kv_heads, plan.units):
         for kept in group:
@@ -443,13 +443,15 @@ class WidthRaPTr:
     the ``nn.ModuleList`` of layers. ``schedule``: kept fraction per stage (``"0.5-0.75-1"``, a
     list, or a ``WidthSchedule``). ``fixed``: layers that always run at full width (default none).
     ``seq_len``: default sequence length for ``relative_flops`` (attention scores depend on it).
-    Call ``step(step)`` once per optimizer step, before its forward passes.
+    Call ``step(step)`` once per optimizer step, before its forward passes. Under torch.distributed,
+    every ``check_every`` steps (and at the first) one all-reduce checks that all ranks drew the same
+    heads and units (0: never; a ``raptr.Host`` checks instead).
     """
 
     def __init__(self, model_or_layers: nn.Module | Sequence[nn.Module], schedule: str | Sequence[float] | WidthSchedule = "0.5-0.75-1",
                  total_steps: int | None = None, seed: int = 0, scaling: str = "none", heads: bool = True,
                  ffn: bool = True, *, fixed: str | Sequence[int] | None = "none", stage_lengths: str | Sequence[float] = "equal",
-                 full_warmup: float = 0, require_full_final: bool = True, seq_len: int = 128):
+                 full_warmup: float = 0, require_full_final: bool = True, seq_len: int = 128, check_every: int = 50):
         if scaling not in SCALINGS:
             raise RaptrError(f"unknown scaling {scaling!r}: use one of {', '.join(SCALINGS)}")
         if not (heads or ffn):
@@ -464,7 +466,7 @@ class WidthRaPTr:
         layers = self._layer_list(model_or_layers)
         self.fixed = parse_fixed(fixed, len(layers))
         self.seed, self.scaling, self.heads, self.ffn, self.seq_len = int(seed), scaling, bool(heads), bool(ffn), seq_len
-        self.agreement = RankAgreement()  # under torch.distributed: all ranks, same heads and units
+        self.agreement = RankAgreement(check_every)  # under torch.distributed: all ranks, same heads and units
         self.layers: list[WidthLayer] = []
         try:
             for layer in layers:
@@ -545,7 +547,7 @@ class WidthRaPTr:
 
     def step(self, step: int) -> WidthPlan:
         plan = self.plan(step)
-        self.agreement(step, _plan_hash(plan), "heads/FFN units")
+        self.agreement(step, plan_hash(plan), "heads/FFN units")
         self.apply(plan)
         return plan
 

@@ -201,6 +201,11 @@ def _baseline_flops_to(base: Run, run: Run) -> float | None:
     return None if at is None else at / run.summary["flops"]
 
 
+def _baseline_loss_at(base: Run, run: Run) -> float | None:
+    """The baseline's val loss at the FLOPs the arm spent in all (linear between its evaluations)."""
+    return interpolate([e["flops"] for e in base.eval], [e["val_loss"] for e in base.eval], run.summary["flops"])
+
+
 PLATEAU_MARGIN = 0.5  # nats below the unigram plateau that count as having left it
 
 
@@ -293,6 +298,10 @@ def build_evidence(root: str | Path) -> dict:
             "time_to_target_flops_ratio_per_seed": [t["flops_ratio"] for t in ttt],
             "baseline_flops_to_arm_loss_ratio": _mean_or_none(reverse),
             "baseline_flops_to_arm_loss_ratio_per_seed": reverse,
+            # arm's final loss − the baseline's loss at the same FLOPs (< 0: the arm is ahead at equal FLOPs)
+            "lead_at_equal_flops_per_seed": [None if (b := _baseline_loss_at(base_runs[s], seeds[s])) is None
+                                             else seeds[s].final - b for s in paired],
+            "train_seconds_per_seed": [seeds[s].summary["train_seconds"] for s in sorted(seeds)],
             "time_to_target_wallclock_ratio_raw": _mean_or_none([t["wallclock_ratio_raw"] for t in ttt]),
             "time_to_target_wallclock_ratio_calibrated": _mean_or_none([t["wallclock_ratio_calibrated"] for t in ttt]),
             "wallclock_ratio_raw": _mean_or_none([seeds[s].summary["train_seconds"] / base_runs[s].summary["train_seconds"]

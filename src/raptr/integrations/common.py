@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
 from torch import nn
 
 from raptr.errors import RaptrError
-from raptr.methods.base import Method, StepInfo
+from raptr.methods.base import StepInfo
 from raptr.models.registry import find_layer_stack, model_flops
 
 FLOPS_MODES = ("hf", "analytic", "off")
@@ -29,15 +28,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
-
-
-def make_options(cls: type[Method], options: dict, who: str) -> Any:
-    """``cls.Options(**options)`` with one clear error for unknown names."""
-    known = [f.name for f in dataclasses.fields(cls.Options)] if cls.Options is not None else []
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise RaptrError(f"unknown {who} option(s) {', '.join(unknown)}: use {', '.join(known) or 'none (it has no options)'}")
-    return cls.Options(**options) if cls.Options is not None else None
 
 
 def _numel(p) -> int:

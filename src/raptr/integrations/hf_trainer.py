@@ -3,9 +3,10 @@
     from raptr.integrations import MethodCallback, RaptrTrainer
     trainer = RaptrTrainer(model, args, train_dataset=ds, callbacks=[MethodCallback("raptr", schedule="6-8-10-12")])
 
-``MethodCallback(method, seed=0, flops="hf", **options)`` hosts any registered method (``raptr``,
-``pld``, ``layerdrop``, ``stacking``, a user's own) through the method protocol; ``options`` are
-the fields of that method's ``Options``. ``RaPTrCallback(schedule, ...)`` is the RaPTr shorthand.
+``MethodCallback(method, seed=0, flops="hf", seq_len=None, **options)`` hosts any registered method
+(``raptr``, ``pld``, ``layerdrop``, ``stacking``, a user's own) through ``raptr.Host``, the host every
+loop shares (lr factor, rank agreement, resume rule); ``options`` are the fields of that method's
+``Options``. ``RaPTrCallback(schedule, ...)`` is the RaPTr shorthand.
 
 Event by event:
 
@@ -16,10 +17,10 @@ Event by event:
   warns if DDP is set up so that skipped layers would fail.
 - ``on_step_begin`` fires once per optimizer step, before the first micro-batch, so every
   micro-batch of a gradient-accumulation cycle runs the same path: ``method.begin_step(global_step)``.
-  A method's ``lr_factor`` (stacking's re-warm-up) multiplies the learning rate of that step (the
-  Trainer's schedulers set the next step's rate afresh).
-- ``on_log`` adds ``<method>/stage``, ``<method>/path_length`` and ``<method>/layer_units`` (means per step since the
-  last log) and the method's numeric extras (RaPTr's ``keep_prob``, PLD's ``theta``) to the logs.
+  A method's ``lr_factor`` (stacking's re-warm-up) multiplies the learning rate of that step and is
+  undone in ``on_optimizer_step`` (after the optimizer step, before the scheduler's).
+- ``on_log`` adds ``<method>/stage`` and the means per step since the last log of ``<method>/path_length``,
+  ``<method>/layer_units`` and the method's numeric extras (RaPTr's ``keep_prob``, PLD's ``theta``).
 - ``on_train_end``: ``method.detach()`` gives the layers their own classes back.
 
 FLOPs (``state.total_flos``) go through the Trainer's sanctioned extension points, never by
@@ -50,10 +51,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from raptr.errors import RaptrError
-from raptr.integrations.common import FLOPS_MODES, PathFlops, jsonable, make_options, unwrap_model
-from raptr.methods.base import Method, StepInfo, TrainingContext, options_dict
-from raptr.methods.registry import method_class
-from raptr.models.registry import find_layer_stack
+from raptr.integrations.common import FLOPS_MODES, PathFlops, jsonable, unwrap_model
+from raptr.methods.base import Method, StepInfo, options_dict
+from raptr.methods.host import Host, make_method
 
 class MethodCallback(TrainerCallback, ExportableState):
     """Any registered raptr method for ``transformers.Trainer``.
@@ -68,24 +68,37 @@ class MethodCallback(TrainerCallback, ExportableState):
     and ``.last`` the ``StepInfo`` of the latest step.
     """
 
-    def __init__(self, method: str = "raptr", seed: int = 0, flops: str = "hf", **options: Any):
+    def __init__(self, method: str = "raptr", seed: int = 0, flops: str = "hf", seq_len: int | None = None,
+                 **options: Any):
         if flops not in FLOPS_MODES:
             raise RaptrError(f"unknown flops={flops!r}: use one of {', '.join(FLOPS_MODES)}")
-        self.method_cls = method_class(method)
-        self.options = make_options(self.method_cls, options, type(self).__name__ if type(self) is not MethodCallback else f"{method} method")
-        self.method_cls(self.options)  # options checks that need no model fail here, at construction
+        who = type(self).__name__ if type(self) is not MethodCallback else f"{method} method"
+        built = make_method(method, options, who)  # options checks that need no model fail here, at construction
+        self.method_cls, self.options = type(built), built.options
+        if self.method_cls.needs_seq_len and seq_len is None:
+            raise RaptrError(f"the {method} method prices attention by the sequence length: pass seq_len= (the tokens "
+                             "per training sequence, e.g. your tokenizer's max_length)")
         self.method_name = method
         self.seed = int(seed)
         self.flops = flops
+        self.seq_len = seq_len
         self.total_steps: int | None = None  # set at on_train_begin, or restored from a checkpoint
-        self.method: Method | None = None
-        self.last: StepInfo | None = None
+        self.host: Host | None = None
         self._model: nn.Module | None = None
         self._flops: PathFlops | None = None
-        self._window: dict[str, float] = {}
-        self._window_steps = 0
         self._flops_calls = 0  # floating_point_ops calls through the Trainer (0 after a step: not hosted)
+        self._steps = 0
         self._began = False  # on_train_begin ran on this instance (else a set total_steps was restored)
+
+    @property
+    def method(self) -> Method | None:
+        """The attached method while training (None before and after)."""
+        return self.host.method if self.host is not None else None
+
+    @property
+    def last(self) -> StepInfo | None:
+        """The ``StepInfo`` of the latest step."""
+        return self.host.last if self.host is not None else None
 
     def __repr__(self) -> str:
         args = self._args()
@@ -93,7 +106,8 @@ class MethodCallback(TrainerCallback, ExportableState):
 
     def _args(self) -> dict:
         """This callback's constructor arguments (written to checkpoints, rebuilt from them)."""
-        return {"method": self.method_name, "seed": self.seed, "flops": self.flops, **options_dict(self.options)}
+        return {"method": self.method_name, "seed": self.seed, "flops": self.flops, "seq_len": self.seq_len,
+                **options_dict(self.options)}
 
     # ---- resume (transformers.trainer_callback.ExportableState) ------------------------------
 
@@ -114,7 +128,7 @@ class MethodCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, optimizer=None, **kwargs):
         if model is None:
             raise RaptrError(f"{type(self).__name__} got no model in on_train_begin: use it with transformers.Trainer")
-        if self.method is not None:  # a second train() with the same callback
+        if self.host is not None:  # a second train() with the same callback
             self._detach()
         model = unwrap_model(model)
         restored = self.total_steps is not None and not self._began
@@ -127,16 +141,16 @@ class MethodCallback(TrainerCallback, ExportableState):
             )
         if not restored:
             self.total_steps = int(state.max_steps)
-        method = self.method_cls(self.options)
+        host = Host(self.method_cls(self.options), seed=self.seed)
+        method = host.method
         if method.changes_model and (getattr(args, "world_size", 1) > 1 or getattr(args, "deepspeed", None)
                                      or getattr(args, "fsdp", None)):
             raise RaptrError(f"{self.method_name} changes the model during training, which the Trainer's DDP/FSDP/DeepSpeed "
                              "set-up cannot follow: train it in one process, or with `raptr train` under torchrun")
         if method.skips_layers:
             _warn_about_ddp(args, model)
-        seq_len = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 128
-        method.attach(TrainingContext(model, find_layer_stack(model), self.total_steps, self.seed, optimizer, seq_len))
-        self.method, self._model, self.last = method, model, None
+        host.attach(model, self.total_steps, seq_len=self.seq_len, optimizer=optimizer)
+        self.host, self._model = host, model
         saved = self._saved(state)
         if state.global_step > 0 and saved and "method_state" in saved.get("attributes", {}):
             if method.changes_model and method.stage_of(state.global_step) > 0:
@@ -145,36 +159,33 @@ class MethodCallback(TrainerCallback, ExportableState):
                                  "a checkpoint into the full-depth model before callbacks run: resume such runs with "
                                  "`raptr train`, or restart from a checkpoint of the first stage")
             try:
-                method.load_state_dict(saved["attributes"]["method_state"])  # one rule: a mismatch is refused
+                host.load_state_dict(saved["attributes"]["method_state"])  # one rule: a mismatch is refused
             except RaptrError as e:
                 self._detach()
                 raise RaptrError(f"{e} (with TrainingArguments(restore_callback_states_from_checkpoint=True) the "
                                  "Trainer rebuilds the callback from the checkpoint)") from None
-        self._window, self._window_steps, self._flops_calls = {}, 0, 0
+        self._flops_calls, self._steps = 0, 0
         self._flops = PathFlops(model, self.flops)
         if self.flops != "off":
             model.floating_point_ops = self.floating_point_ops  # transformers 4.x asks the model
         return control
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        if self.method is None:
+        if self.host is None:
             return control
-        info = self.method.begin_step(state.global_step)
+        info = self.host.step(state.global_step, optimizer)
         if info.model_changed:
             self._flops.recount()
-        if info.lr_factor != 1.0 and optimizer is not None:
-            for group in optimizer.param_groups:  # the scheduler sets the next step's lr afresh
-                group["lr"] *= info.lr_factor
-        self.last = info
-        self._window_steps += 1
-        numbers = {"path_length": info.layers_run, "layer_units": info.layer_units, **{k: v for k, v in info.extra.items()
-                                                       if isinstance(v, (int, float)) and not isinstance(v, bool)}}
-        for k, v in numbers.items():
-            self._window[k] = self._window.get(k, 0.0) + v
+        return control
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.host is not None:  # after optimizer.step(), before the scheduler's step
+            self.host.after_optimizer_step(optimizer)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.method is not None and self.flops != "off" and self._flops_calls == 0 and self._window_steps == 1:
+        self._steps += 1
+        if self.method is not None and self.flops != "off" and self._flops_calls == 0 and self._steps == 1:
             self._flops_calls = -1  # warn once
             warnings.warn(
                 f"{type(self).__name__}: this Trainer does not ask raptr for FLOPs, so state.total_flos counts every "
@@ -183,17 +194,17 @@ class MethodCallback(TrainerCallback, ExportableState):
         return control
 
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
-        if self.method is None or logs is None or "loss" not in logs or self._window_steps == 0:
+        if self.host is None or logs is None or "loss" not in logs:
+            return control
+        window = self.host.window()
+        if not window:
             return control
         name = self.method_name
-        extra = {f"{name}/stage": self.last.stage}
-        extra.update({f"{name}/{k}": v / self._window_steps if k in ("path_length", "layer_units") else self.last.extra.get(k, v)
-                      for k, v in self._window.items()})
+        extra = {f"{name}/stage": self.last.stage, **{f"{name}/{k}": v for k, v in window.items() if k != "stage"}}
         logs.update(extra)
         # The Trainer appended a copy of `logs` to the history just before calling on_log.
         if state.log_history and state.log_history[-1].get("step") == state.global_step and "loss" in state.log_history[-1]:
             state.log_history[-1].update(extra)
-        self._window, self._window_steps = {}, 0
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -213,11 +224,11 @@ class MethodCallback(TrainerCallback, ExportableState):
 
     def _detach(self) -> None:
         """Leave the model as it was: plain layer classes, no FLOPs hook."""
-        if self.method is not None:
-            self.method.detach()
+        if self.host is not None:
+            self.host.detach()
         if self._model is not None and self._model.__dict__.get("floating_point_ops") == self.floating_point_ops:
             del self._model.__dict__["floating_point_ops"]
-        self.method = None
+        self.host = None
 
 
 class RaPTrCallback(MethodCallback):
@@ -231,10 +242,11 @@ class RaPTrCallback(MethodCallback):
             ``count_fixed``, ``sampling``, ``scaling``, ``full_warmup``, ``require_full_final``.
     """
 
-    def __init__(self, schedule: str = "6-8-10-12", seed: int = 0, flops: str = "hf", **options: Any):
+    def __init__(self, schedule: str = "6-8-10-12", seed: int = 0, flops: str = "hf", seq_len: int | None = None,
+                 **options: Any):
         if "method" in options:
             raise RaptrError("RaPTrCallback always hosts RaPTr: use MethodCallback(method=...) for another method")
-        super().__init__("raptr", seed, flops, schedule=schedule, **options)
+        super().__init__("raptr", seed, flops, seq_len, schedule=schedule, **options)
 
     @property
     def raptr(self):

@@ -3,8 +3,9 @@
     from raptr.integrations.lightning import MethodCallback
     trainer = lightning.Trainer(max_steps=10_000, callbacks=[MethodCallback("raptr", schedule="6-8-10-12")])
 
-``MethodCallback(method, seed=0, flops="hf", **options)`` hosts any registered method through the
-method protocol; ``options`` are the fields of the method's ``Options``. The LightningModule may be
+``MethodCallback(method, seed=0, flops="hf", seq_len=None, **options)`` hosts any registered method
+through ``raptr.Host`` (the host every loop shares); ``options`` are the fields of the method's
+``Options``; ``seq_len`` (tokens per sequence) is required by methods whose FLOPs depend on it (width). The LightningModule may be
 the transformer itself or hold it (``self.model = AutoModelForCausalLM...``): the callback uses
 the first module, outermost first, whose layer stack raptr knows.
 
@@ -37,9 +38,9 @@ import lightning.pytorch as pl
 from torch import nn
 
 from raptr.errors import RaptrError
-from raptr.integrations.common import FLOPS_MODES, PathFlops, make_options, unwrap_model
-from raptr.methods.base import Method, StepInfo, TrainingContext, options_dict
-from raptr.methods.registry import method_class
+from raptr.integrations.common import FLOPS_MODES, PathFlops, unwrap_model
+from raptr.methods.base import Method, StepInfo, options_dict
+from raptr.methods.host import Host, make_method
 from raptr.models.registry import find_layer_stack
 
 
@@ -77,20 +78,29 @@ class MethodCallback(pl.Callback):
     ``.total_flos`` the FLOPs trained so far (restored on resume).
     """
 
-    def __init__(self, method: str = "raptr", seed: int = 0, flops: str = "hf", **options: Any):
+    def __init__(self, method: str = "raptr", seed: int = 0, flops: str = "hf", seq_len: int | None = None,
+                 **options: Any):
         if flops not in FLOPS_MODES:
             raise RaptrError(f"unknown flops={flops!r}: use one of {', '.join(FLOPS_MODES)}")
-        self.method_cls = method_class(method)
-        self.options = make_options(self.method_cls, options, f"{method} method")
-        self.method_cls(self.options)  # checks that need no model fail at construction
-        self.method_name, self.seed, self.flops = method, int(seed), flops
-        self.method: Method | None = None
-        self.last: StepInfo | None = None
+        built = make_method(method, options)  # checks that need no model fail at construction
+        self.method_cls, self.options = type(built), built.options
+        if self.method_cls.needs_seq_len and seq_len is None:
+            raise RaptrError(f"the {method} method prices attention by the sequence length: pass seq_len= (the tokens "
+                             "per training sequence)")
+        self.method_name, self.seed, self.flops, self.seq_len = method, int(seed), flops, seq_len
+        self.host: Host | None = None
         self.total_steps: int | None = None
         self.total_flos = 0
         self._stepped: int | None = None  # global_step whose path is set
         self._pending: dict | None = None  # method state from a checkpoint, loaded at on_fit_start
-        self._lrs: list[float] | None = None
+
+    @property
+    def method(self) -> Method | None:
+        return self.host.method if self.host is not None else None
+
+    @property
+    def last(self) -> StepInfo | None:
+        return self.host.last if self.host is not None else None
 
     @property
     def state_key(self) -> str:
@@ -99,7 +109,8 @@ class MethodCallback(pl.Callback):
     # ---- checkpoints (Lightning keeps them under checkpoint["callbacks"][state_key]) ---------
 
     def state_dict(self) -> dict:
-        return {"args": {"method": self.method_name, "seed": self.seed, "options": options_dict(self.options)},
+        return {"args": {"method": self.method_name, "seed": self.seed, "seq_len": self.seq_len,
+                         "options": options_dict(self.options)},
                 "total_steps": self.total_steps, "total_flos": self.total_flos,
                 "method_state": self.method.state_dict() if self.method is not None else None}
 
@@ -128,7 +139,8 @@ class MethodCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model, layers = find_model(pl_module)
-        method = self.method_cls(self.options)
+        host = Host(self.method_cls(self.options), seed=self.seed)
+        method = host.method
         if method.changes_model and (trainer.world_size > 1 or self._pending is not None):
             self._refuse_changing_model("resume it" if self._pending is not None else "run it on several devices")
         saved_steps = (self._pending or {}).get("total_steps")
@@ -139,46 +151,37 @@ class MethodCallback(pl.Callback):
         else:
             self.total_steps = int(trainer.estimated_stepping_batches)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        seq_len = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 128
-        method.attach(TrainingContext(model, layers, self.total_steps, self.seed, optimizer, seq_len))
+        host.attach(model, self.total_steps, seq_len=self.seq_len, optimizer=optimizer, layers=layers)
         if self._pending is not None and self._pending.get("method_state") is not None:
             try:
-                method.load_state_dict(self._pending["method_state"])  # one rule: a mismatch is refused
+                host.load_state_dict(self._pending["method_state"])  # one rule: a mismatch is refused
             except RaptrError:
-                method.detach()
+                host.detach()
                 raise
             self.total_flos = int(self._pending.get("total_flos") or 0)
         self._pending = None
-        self.method, self.model, self.last, self._stepped = method, model, None, None
+        self.host, self.model, self._stepped = host, model, None
         self._flops = PathFlops(model, self.flops)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.method is None:
+        if self.host is None:
             return
         step = trainer.global_step
         if step != self._stepped:  # first micro-batch of this optimizer step
             self._stepped = step
-            info = self.method.begin_step(step)
+            info = self.host.step(step, trainer.optimizers[0] if trainer.optimizers else None)
             if info.model_changed:
                 self._flops.recount()
-            if info.lr_factor != 1.0 and trainer.optimizers:
-                groups = trainer.optimizers[0].param_groups
-                self._lrs = [g["lr"] for g in groups]
-                for g in groups:
-                    g["lr"] *= info.lr_factor
-            self.last = info
         ids = _input_ids(batch)
         if ids is not None:
             self.total_flos += self._flops(ids, self.last)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.method is None or self.last is None:
+        if self.host is None or self.last is None:
             return
-        if self._lrs is not None and trainer.global_step != self._stepped:  # the optimizer stepped: undo the factor
-            for g, lr in zip(trainer.optimizers[0].param_groups, self._lrs):
-                g["lr"] = lr
-            self._lrs = None
+        if trainer.global_step != self._stepped:  # the optimizer stepped: undo the lr factor
+            self.host.after_optimizer_step(trainer.optimizers[0] if trainer.optimizers else None)
         name = self.method_name
         pl_module.log_dict({f"{name}/stage": float(self.last.stage), f"{name}/path_length": float(self.last.layers_run),
                             f"{name}/flops": float(self.total_flos)}, on_step=True, on_epoch=False)
@@ -190,6 +193,6 @@ class MethodCallback(pl.Callback):
         self._detach()
 
     def _detach(self) -> None:
-        if self.method is not None:
-            self.method.detach()
-        self.method = None
+        if self.host is not None:
+            self.host.detach()
+        self.host = None

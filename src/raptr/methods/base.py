@@ -92,6 +92,8 @@ class Method:
     # Whether a run may be extended (``train.steps`` raised on resume): only methods whose schedule
     # does not depend on the total number of steps.
     extendable = False
+    needs_seq_len = False  # its FLOPs depend on tokens per sequence (width: attention): hosts must give it
+    agreement_of = "layer paths"  # what all ranks must draw alike, in the rank-agreement error
 
     def __init__(self, options: Any = None):
         if options is None and self.Options is not None:
@@ -121,6 +123,12 @@ class Method:
         gates = getattr(self, "gates", None)
         if gates is not None:
             gates.unwrap()
+
+    def fingerprint(self, info: StepInfo, step: int) -> int:
+        """A hash of what every rank must compute alike this step (the host all-reduces it now and then)."""
+        from raptr.ranks import path_hash
+
+        return path_hash(info.path, step)
 
     def stage_of(self, step: int) -> int:
         return 0

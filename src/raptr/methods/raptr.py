@@ -1,16 +1,14 @@
-"""RaPTr as a trainer method, and ``wrap()`` for people with their own training loop."""
+"""RaPTr as a training method (``raptr.wrap`` hosts it, or any other, in your own loop)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from torch import nn
 
-from raptr import typed
 from raptr.core import RaPTr, Schedule
 from raptr.methods.base import Method, StepInfo, TrainingContext
-from raptr.models.registry import check_must_run, find_layer_stack, layer_contract
+from raptr.models.registry import check_must_run, layer_contract
 
 
 @dataclass
@@ -38,23 +36,6 @@ def build_schedule(options: RaPTrOptions, num_layers: int, total_steps: int) -> 
     )
 
 
-def wrap(model: nn.Module, schedule: str = "6-8-10-12", total_steps: int = 10_000, seed: int = 0,
-         check_every: int = 50, **options) -> RaPTr:
-    """Put RaPTr on a model in place; call ``.step(step)`` before each optimizer step's forward.
-
-    Works on our reference models and on HF BERT/RoBERTa/GPT-2/Llama/Mistral/Qwen2/OPT/GPT-NeoX;
-    ``options`` are the fields of ``RaPTrOptions`` (stage_lengths, fixed, scaling, ...). Under
-    torch.distributed, every ``check_every`` steps (and at the first) one all-reduce checks that
-    every rank drew the same path (0 = never).
-    """
-    opts = RaPTrOptions(schedule=schedule, **options)
-    typed.check_fields(opts)  # the same checks as a config file's
-    layers = find_layer_stack(model)
-    sched = build_schedule(opts, len(layers), total_steps)
-    check_must_run(model, sched.fixed, "fixed=")
-    return RaPTr(layers, sched, seed, opts.sampling, opts.scaling, check_every, layer_contract(model)[0])
-
-
 class RaPTrMethod(Method):
     """Random path training with growing paths (Panigrahi et al. 2024)."""
 
@@ -66,7 +47,7 @@ class RaPTrMethod(Method):
         schedule = build_schedule(self.options, len(context.layers), context.total_steps)
         check_must_run(context.model, schedule.fixed, "method.raptr.fixed")
         self.raptr = RaPTr(context.layers, schedule, context.seed, self.options.sampling, self.options.scaling,
-                           passthrough=layer_contract(context.model)[0])
+                           check_every=0, passthrough=layer_contract(context.model)[0])  # the host checks ranks
         self.gates = self.raptr.gates
 
     def begin_step(self, step: int) -> StepInfo:

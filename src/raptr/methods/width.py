@@ -24,7 +24,7 @@ from raptr.errors import RaptrError
 from raptr.methods.base import Method, StepInfo, TrainingContext
 from raptr.methods.raptr import RaPTrOptions, build_schedule
 from raptr.models.registry import check_must_run, layer_contract
-from raptr.width import WidthRaPTr, WidthSchedule
+from raptr.width import WidthRaPTr, WidthSchedule, plan_hash
 
 
 @dataclass
@@ -54,7 +54,17 @@ def _shares(wr: WidthRaPTr, plan, seq_len: int, active=None) -> tuple[float, ...
     return tuple(out)
 
 
-class WidthMethod(Method):
+class _WidthFingerprint:
+    needs_seq_len = True  # a layer's share of FLOPs depends on the sequence length (attention scores)
+    agreement_of = "layer paths, heads and FFN units"
+
+    def fingerprint(self, info: StepInfo, step: int) -> int:
+        from raptr.ranks import path_hash
+
+        return (path_hash(info.path, step) * 1_000_003 + plan_hash(self.width.last_plan)) % (2**61 - 1)
+
+
+class WidthMethod(_WidthFingerprint, Method):
     """Random heads and FFN units per layer and step, kept fractions growing by stage."""
 
     name = "width"
@@ -65,7 +75,7 @@ class WidthMethod(Method):
         super().attach(context)
         o = self.options
         self.width = WidthRaPTr(context.layers, o.build(context.total_steps), seed=context.seed, scaling=o.scaling,
-                                heads=o.heads, ffn=o.ffn, seq_len=context.seq_len)
+                                heads=o.heads, ffn=o.ffn, seq_len=context.seq_len, check_every=0)  # the host checks ranks
 
     def begin_step(self, step: int) -> StepInfo:
         plan = self.width.step(step)
@@ -122,7 +132,7 @@ class DepthWidthOptions:
         parse_stage_lengths(self.stage_lengths, n_width, steps)
 
 
-class DepthWidth(Method):
+class DepthWidth(_WidthFingerprint, Method):
     """A random path of layers and random heads/units in the layers that run, both growing by stage."""
 
     name = "depthwidth"
@@ -135,9 +145,9 @@ class DepthWidth(Method):
         check_must_run(context.model, depth.fixed, "method.depthwidth.fixed")
         # Width first (it swaps the layers' linears), then the depth gates around each layer.
         self.width = WidthRaPTr(context.layers, o.width().build(context.total_steps), seed=context.seed,
-                                scaling=o.scaling, heads=o.heads, ffn=o.ffn, seq_len=context.seq_len)
-        self.raptr = RaPTr(context.layers, depth, context.seed, o.sampling, o.scaling,
-                           passthrough=layer_contract(context.model)[0])
+                                scaling=o.scaling, heads=o.heads, ffn=o.ffn, seq_len=context.seq_len, check_every=0)
+        self.raptr = RaPTr(context.layers, depth, context.seed, o.sampling, o.scaling, check_every=0,
+                           passthrough=layer_contract(context.model)[0])  # the host checks ranks
         self.gates = self.raptr.gates
 
     def begin_step(self, step: int) -> StepInfo:

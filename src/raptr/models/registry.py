@@ -202,7 +202,8 @@ def check_must_run(model: nn.Module, always_run: tuple[int, ...] | list[int], op
     if missing:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         keep = ",".join(str(i) for i in sorted(set(always_run) | set(missing)))
-        fix = (f"use {option}" if " " in option else f"set {option}'{keep}'" if option.endswith("=") else f"set {option}={keep}")
+        field = option.rsplit(".", 1)[-1]  # a method option: its keyword in Python and its config key
+        fix = f"use {option}" if " " in option else f"set {field}='{keep}' ({option}={keep} in a config)"
         raise RaptrError(f"{model_type} layer(s) {missing} compute state every other layer uses (e.g. T5's position "
                          f"bias in each stack's first block), so they must always run: {fix}")
 

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from raptr.ranks import EVAL_STREAM, OBJECTIVE_STREAM, step_generator
 from raptr.errors import Preempted, RaptrError
 from raptr.flops import ModelFlops
-from raptr.methods.base import Method, TrainingContext, decay_groups
+from raptr.methods.base import Method, decay_groups
+from raptr.methods.host import Host
 from raptr.models.registry import find_layer_stack
 from raptr.training import distributed as D
 from raptr.training.provenance import code_diff, git_commit, machine
@@ -99,8 +100,10 @@ class Trainer:
         self.model.to(self.device)
         self.total_steps = cfg.train.steps
         path_seed = cfg.train.path_seed if cfg.train.path_seed >= 0 else cfg.train.seed
-        self.context = TrainingContext(model, find_layer_stack(model), self.total_steps, path_seed, seq_len=cfg.data.seq_len)
-        self.method.attach(self.context)
+        # One host for every loop (raptr.methods.host): lr factor, rank agreement, FLOPs, resume rule.
+        self.host = Host(method, seed=path_seed, check_every=cfg.train.path_check_every)
+        self.host.attach(model, self.total_steps, seq_len=cfg.data.seq_len, layers=find_layer_stack(model), flops=flops)
+        self.context = self.host.context
         if self.dist.enabled and cfg.train.parallel == "fsdp" and not self.method.supports_fsdp:
             raise RaptrError(f"{self.method.name} changes the model, which FSDP2 shards once: use train.parallel=ddp")
         if cfg.train.compile:
@@ -400,16 +403,12 @@ class Trainer:
         while self.step < end:
             step = self.step
             started = time.perf_counter()
-            info = self.method.begin_step(step)
-            if self.dist.enabled:
-                if info.model_changed:
-                    self.forward_model = self._wrap()  # the model grew: DDP must see the new layers
-                if step % cfg.train.path_check_every == 0:
-                    replicas = self.model if self.cfg.train.parallel == "ddp" else None
-                    D.check_same_path(info.path, step, self.dist, replicas)
-            lr = lr_at(step, self.total_steps, cfg.optim) * info.lr_factor
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr_at(step, self.total_steps, cfg.optim)
+            info = self.host.step(step, self.optimizer)  # the step's subnetwork; lr × the method's factor
+            if self.dist.enabled and info.model_changed:
+                self.forward_model = self._wrap()  # the model grew: DDP must see the new layers
+            lr = self.optimizer.param_groups[0]["lr"]
             loss_value, labelled = self._train_step(step)
             # The norm is measured even without clipping (max_norm=inf multiplies by exactly 1.0):
             # a step with a non-finite loss or gradient is not applied (GradScaler-style).
@@ -422,12 +421,13 @@ class Trainer:
                 self.counters["nonfinite_steps"] += 1
                 bad_in_row += 1
                 streak_start = step if bad_in_row == 1 else streak_start
+            self.host.after_optimizer_step(self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)  # skipped layers keep grad=None: AdamW leaves them alone
 
             self.step += 1
             sequences = cfg.train.batch_size * cfg.optim.grad_accum
-            self.counters["flops"] += self.flops_model.train_step(info.layer_units, sequences, labelled)
-            self.counters["full_flops"] += self.flops_model.full_step(sequences, labelled)
+            self.counters["flops"] += self.host.step_flops(sequences, labelled)
+            self.counters["full_flops"] += self.host.full_flops(sequences, labelled)
             self.counters["tokens"] += sequences * self.flops_model.seq_len
             self.counters["layer_passes"] += info.layers_run
             self.counters["train_seconds"] += time.perf_counter() - started
