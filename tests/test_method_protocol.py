@@ -275,3 +275,156 @@ def test_options_built_in_python_are_checked_like_a_config_file():
     with pytest.raises(RaptrError, match=r"^'sampling' is 'random': use one of bernoulli, uniform$"):
         raptr.wrap(torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(4)]), "3-4", 10, sampling="random")
     assert RaPTrMethod(RaPTrOptions(full_warmup=1)).options.full_warmup == 1.0  # converted, as YAML's 1 would be
+
+
+@dataclasses.dataclass
+class SlowOddOptions:
+    layer: int = 2  # left out at every odd step, whose learning rate is also halved
+
+
+class SlowOdd(SkipOne):
+    """SkipOne with an lr factor: odd steps skip ``layer`` and train at half the learning rate."""
+
+    name = "slowodd"
+    Options = SlowOddOptions
+
+    def begin_step(self, step: int) -> StepInfo:
+        info = super().begin_step(step)
+        return dataclasses.replace(info, lr_factor=0.5 if step % 2 else 1.0)
+
+
+@pytest.fixture
+def slowodd():
+    register_method(SlowOdd)
+    yield SlowOdd
+    METHODS.pop("slowodd")
+
+
+STEPS_SPEC, ACCUM, LR = 4, 2, 1e-3
+SPEC_PATHS = [[0, 1, 2, 3], [0, 1, 3], [0, 1, 2, 3], [0, 1, 3]]
+SPEC_LRS = [LR, LR / 2, LR, LR / 2]
+
+
+def _lr_probe(optimizer, lrs: list) -> None:
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    inner.register_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+
+
+def test_every_host_runs_one_specification(slowodd, austen_sequences, data_cache, tmp_path):
+    """One method defined in this file, four hosts (own loop through raptr.wrap, HF Trainer, Lightning,
+    ``raptr train``): the same layers run at each step, gradient accumulation keeps one path per
+    optimizer step (each micro-batch runs it), the lr factor applies to its step and is undone after
+    it, FLOPs count what ran, and a checkpoint of another seed is refused by every host alike."""
+    pytest.importorskip("accelerate")
+    pl = pytest.importorskip("lightning.pytorch")
+    import raptr
+    from transformers import TrainerCallback, TrainingArguments
+
+    from raptr.integrations import MethodCallback as HFCallback, RaptrTrainer
+    from raptr.integrations.lightning import MethodCallback as LCallback
+
+    batches = [austen_sequences[i * 4:(i + 1) * 4] for i in range(STEPS_SPEC * ACCUM)]
+    results = {}
+
+    # 1. own loop
+    model = _gpt2()
+    host = raptr.wrap(model, method="slowodd", total_steps=STEPS_SPEC)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    lrs: list = []
+    _lr_probe(opt, lrs)
+    now = {"step": 0}
+    calls = _layer_calls(find_layer_stack(model), lambda: now["step"])
+    flops = 0.0
+    for step in range(STEPS_SPEC):
+        now["step"] = step
+        host.step(step, opt)
+        for micro in range(ACCUM):
+            model(input_ids=batches[step * ACCUM + micro], labels=batches[step * ACCUM + micro]).loss.backward()
+        opt.step()
+        host.after_optimizer_step(opt)
+        opt.zero_grad(set_to_none=True)
+    results["own loop"] = (calls, lrs, opt.param_groups[0]["lr"])
+    own_state = host.state_dict()
+    host.detach()
+
+    # 2. HF Trainer
+    model = _gpt2()
+    step = {"now": 0}
+    lrs = []
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kw):
+            _lr_probe(optimizer, lrs)
+
+        def on_step_begin(self, args, state, control, **kw):
+            step["now"] = state.global_step
+
+    calls = _layer_calls(find_layer_stack(model), lambda: step["now"])
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=STEPS_SPEC, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=ACCUM, learning_rate=LR, lr_scheduler_type="constant",
+                             use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True)
+    data = [{"input_ids": s, "labels": s.clone()} for b in batches for s in b]
+    hf_cb = HFCallback("slowodd", flops="analytic", seq_len=32)
+    trainer = RaptrTrainer(model=model, args=args, train_dataset=data, callbacks=[Probe(), hf_cb])
+    trainer.train()
+    results["HF Trainer"] = (calls, lrs, trainer.optimizer.param_groups[0]["lr"])
+    hf_flops = trainer.state.total_flos
+
+    # 3. Lightning
+    class LM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = _gpt2()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=LR)
+
+    module = LM()
+    lrs = []
+    trainer = pl.Trainer(max_steps=STEPS_SPEC, accumulate_grad_batches=ACCUM, accelerator="cpu", devices=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path)
+
+    class LProbe(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            _lr_probe(trainer.optimizers[0], lrs)
+
+    calls = _layer_calls(find_layer_stack(module.model), lambda: trainer.global_step)
+    l_cb = LCallback("slowodd", flops="analytic", seq_len=32)
+    trainer.callbacks[:0] = [l_cb, LProbe()]
+    trainer.fit(module, torch.utils.data.DataLoader([s for b in batches for s in b], batch_size=4))
+    results["Lightning"] = (calls, lrs, trainer.optimizers[0].param_groups[0]["lr"])
+
+    for host_name, (calls, lrs, final_lr) in results.items():
+        assert [sorted(set(calls[s])) for s in range(STEPS_SPEC)] == SPEC_PATHS, host_name
+        assert all(calls[s].count(i) == ACCUM for s in range(STEPS_SPEC) for i in set(calls[s])), host_name  # every micro-batch
+        assert lrs == pytest.approx(SPEC_LRS), host_name  # the factor on its own step
+        assert final_lr == pytest.approx(LR), host_name  # and undone after it
+    # FLOPs: the same analytic count (ModelFlops of the layers that ran) in the HF and Lightning hosts
+    from raptr.models.registry import model_flops
+
+    fl = model_flops(_gpt2(), 32)
+    expected = sum(fl.train_step(len(p), 4) for p in SPEC_PATHS for _ in range(ACCUM))
+    assert l_cb.total_flos == pytest.approx(expected, rel=1e-6) and hf_flops == pytest.approx(expected, rel=1e-6)
+    # resume refusal: one rule, the host's, whoever hosts
+    other = raptr.Host("slowodd", seed=5).attach(_gpt2(), STEPS_SPEC)
+    with pytest.raises(RaptrError, match="seed: 0 -> 5"):
+        other.load_state_dict(own_state)
+    other.detach()
+
+    # 4. raptr train: the same paths and lr factors in its log
+    from raptr.training.config import OptimConfig
+    from raptr.training.trainer import lr_at
+    from raptr.typed import from_dict
+
+    out = tmp_path / "run"
+    assert main(["train", "--config", "bert-tiny-raptr", "-q", *TINY, *AUSTEN_DATA, f"data.cache_dir={data_cache}",
+                 f"train.out_dir={out}", f"train.steps={STEPS_SPEC}", "train.eval_every=4", "method.name=slowodd",
+                 "method.slowodd.layer=2"]) == 0
+    train = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [r["layers_run"] for r in train] == [len(p) for p in SPEC_PATHS]
+    optim = from_dict(OptimConfig, json.loads((out / "config.json").read_text())["optim"])
+    assert [r["lr"] / lr_at(r["step"] - 1, STEPS_SPEC, optim) for r in train] == pytest.approx([1, 0.5, 1, 0.5])
