@@ -2,11 +2,11 @@
 
 The fixture was written by ``tests/scripts/reference_losses.py`` (CPU, one thread, the shipped
 Austen chapters) before the method protocol was restructured; rewrite it only after a deliberate
-change of numerics, and say so in the commit. Bitwise equality holds on the kind of CPU the fixture
-was written on (float32 kernels differ by vector width and vendor: an AMD EPYC gives differences of
-~1e-7 from step 2 on). A trace recorded with its CPU (``"cpu"``) must match bitwise there; elsewhere,
-and for the first traces (written before the CPU was recorded), it must match to a relative 1e-5,
-which any change of paths, masks, scaling or order of layers exceeds by orders of magnitude.
+change of numerics, and say so in the commit. Bitwise equality holds on the kind of CPU and torch the fixture records (``"cpu"``, e.g. ``x86_64 AMD
+EPYC; torch 2.13.0+cpu AVX512``, written by ``reference_losses.py --record-machine`` after rerunning
+every case there bitwise): float32 kernels differ by vector width and vendor. There the test demands
+exact equality; elsewhere a relative 1e-5, which any change of paths, masks, scaling or order of layers
+exceeds by orders of magnitude.
 """
 
 import json

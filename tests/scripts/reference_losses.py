@@ -2,6 +2,7 @@
 
     python tests/scripts/reference_losses.py          # rewrite the fixture (only after a deliberate change of numerics)
     python tests/scripts/reference_losses.py --add    # add cases the fixture lacks (a new method), keep the others
+    python tests/scripts/reference_losses.py --record-machine   # record this CPU for the cases it reproduces bitwise
 
 The runs train on the shipped Austen chapters (tests/fixtures/austen) on CPU with one thread, so
 ``tests/test_reference_losses.py`` can demand bitwise equality: a refactoring that changes any
@@ -66,7 +67,28 @@ def run_case(name: str, cache_dir: str, out_root: str) -> list[float]:
     return [r["loss"] for r in rows if r["kind"] == "train"]
 
 
+def record_machine() -> None:
+    """Rerun every case; where the losses equal the fixture's bitwise, record this CPU (the test then
+    demands bitwise equality on it); report the largest relative difference of any that do not."""
+    torch.set_num_threads(1)
+    out = json.loads(FIXTURE.read_text())
+    here = cpu_signature()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, case in out.items():
+            losses = run_case(name, f"{tmp}/data", f"{tmp}/runs")
+            if losses == case["losses"]:
+                case["cpu"] = here
+                print(f"{name}: bitwise equal here: recorded", file=sys.stderr)
+            else:
+                worst = max(abs(a - b) / abs(b) for a, b in zip(losses, case["losses"]))
+                print(f"{name}: differs here (max relative {worst:.1e}): not recorded", file=sys.stderr)
+    FIXTURE.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"{here}\nwrote {FIXTURE}", file=sys.stderr)
+
+
 def main() -> None:
+    if "--record-machine" in sys.argv:
+        return record_machine()
     torch.set_num_threads(1)
     out = json.loads(FIXTURE.read_text()) if "--add" in sys.argv and FIXTURE.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
