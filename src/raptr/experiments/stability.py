@@ -291,8 +291,13 @@ def trained_run(cfg: StabilityConfig, run_dir: Path, progress: bool = True) -> d
     overrides = list(cfg.train_overrides) + [f"data.cache_dir={cfg.cache_dir}", f"train.out_dir={run_dir}",
                                              f"train.threads={cfg.threads}", f"train.seed={cfg.seed}",
                                              f"train.eval_batches={cfg.heldout_batches}"]
+    from raptr.methods.raptr import RaPTrMethod
+    from raptr.methods.registry import method_class
+
     run_cfg = load_config(cfg.train_preset, overrides)
-    if run_cfg.method.name != "raptr":
+    # This part studies RaPTr's own subnetworks (its schedule, sampler and gates): the method's type says
+    # whether the preset trains with them.
+    if not issubclass(method_class(run_cfg.method.name), RaPTrMethod):
         raise RaptrError(f"preset {cfg.train_preset} trains with {run_cfg.method.name}, not raptr: use a RaPTr preset, e.g. bert-tiny-raptr")
     if run_cfg.model.family != "reference":
         raise RaptrError("the trained-model part measures the reference TransformerLM: set model.family=reference")
