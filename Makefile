@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH ?= torch==2.13.0
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install test test-slow test-all demo bench bench-gpu clean
+.PHONY: install install-torchtitan test test-slow test-all demo bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -18,15 +18,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# torchtitan for tests/test_torchtitan.py, at the versions tested, without its declared extras
+# (wandb, an older datasets) so the environment stays the one the rest of the suite runs on.
+TORCHTITAN := torchtitan==0.3.0 triton==3.9.0 spmd_types==0.2.3 torchdata==0.11.0 tyro==1.0.17 \
+	docstring_parser==0.18.0 einops==0.8.2 torch_checkpointing==0.1.1
+TT_STAMP := $(VENV)/.torchtitan-stamp
+
+install-torchtitan: $(TT_STAMP)
+
+$(TT_STAMP): $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(TORCHTITAN)
+	touch $(TT_STAMP)
+
 # Default test run: fast and medium tests (< ~10 min on 2 cores). pytest exit 5 (no tests) fails.
-test: install
+test: install $(TT_STAMP)
 	$(PYTEST) -q
 
 # Long experiment tests, run separately.
-test-slow: install
+test-slow: install $(TT_STAMP)
 	$(PYTEST) -q -m slow
 
-test-all: install
+test-all: install $(TT_STAMP)
 	$(PYTEST) -q -m "slow or not slow"
 
 # The main job: RaPTr and standard training side by side from one seed (~3 min of training on

@@ -342,7 +342,7 @@ class Suite:
         paths, first = set(), None
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True) if limit_flag else contextlib.nullcontext():
             for i in range(steps):
-                paths.add(rp.step(i).active)
+                paths.add(rp.step(i).path)
                 t = self.timed(lambda: step(compiled, opt))
                 first = t if first is None else first
             out.update(distinct_paths=len(paths), graphs=int(counters["stats"].get("unique_graphs", 0)) - base,
@@ -362,7 +362,7 @@ class Suite:
         out["rows"] = [{"layers_run": k, "flops_ratio": flops.train_step(k, 1) / flops.full_step(1),
                         "time_ratio": med[k] / med[L], "step_s": med[k]} for k in ks]
         out["wrapped_full_over_unwrapped"] = med[L] / unwrapped
-        rp.gates.unwrap()
+        rp.detach()
         del compiled, model, opt
         # what the graph breaks cost: the unwrapped model compiled per block (torchtitan's way; no KV
         # cache, which a compiled block would otherwise guard on) against the unwrapped whole-model compile

@@ -231,7 +231,8 @@ def _layer_counts(model: nn.Module) -> set[int]:
 
 
 def discover_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """Every outermost ``nn.ModuleList`` of same-class layers whose length is a config layer count.
+    """Every outermost ``nn.ModuleList`` (or ``nn.ModuleDict``, as a list view of its values) of
+    same-class layers whose length is a config layer count.
 
     A model with no config layer count (plain PyTorch): its one outermost ``nn.ModuleList`` of two
     or more same-class layers, if there is exactly one (several would be a guess), and none if it
@@ -241,6 +242,8 @@ def discover_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
         return []
     found: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleDict):  # torchtitan keeps its blocks in a ModuleDict ("0", "1", ...)
+            module = nn.ModuleList(module.values())  # a view: the layers stay where they are
         if not isinstance(module, nn.ModuleList) or (len(module) not in counts if counts else len(module) < 2):
             continue
         kinds = {type(m) for m in module}
