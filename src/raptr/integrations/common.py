@@ -8,7 +8,8 @@ from typing import Any
 from torch import nn
 
 from raptr.errors import RaptrError
-from raptr.methods.base import StepInfo
+from raptr.methods.base import Method, StepInfo
+from raptr.methods.host import Host, make_method
 from raptr.models.registry import find_layer_stack, model_flops
 
 FLOPS_MODES = ("hf", "analytic", "off")
@@ -78,3 +79,31 @@ class PathFlops:
             return int(model_flops(self.model, ids.shape[-1]).train_step(sum(shares), batch))
         idle = sum(params * (1.0 - share) for params, share in zip(self.layer_params, shares))
         return int(round(6 * ids.numel() * (self.params[bool(exclude_embeddings)] - idle)))
+
+
+class Hosted:
+    """What the HF and Lightning callbacks share: the method built (and its options checked) at
+    construction, and the ``raptr.Host`` that runs it while training."""
+
+    host: Host | None = None
+
+    def _build(self, method: str, seed: int, flops: str, seq_len: int | None, options: dict, who: str) -> None:
+        if flops not in FLOPS_MODES:
+            raise RaptrError(f"unknown flops={flops!r}: use one of {', '.join(FLOPS_MODES)}")
+        built = make_method(method, options, who)  # options checks that need no model fail here
+        if type(built).needs_seq_len and seq_len is None:
+            raise RaptrError(f"the {method} method prices attention by the sequence length: pass seq_len= (the tokens "
+                             "per training sequence, e.g. your tokenizer's max_length)")
+        self.method_cls, self.options = type(built), built.options
+        self.method_name, self.seed, self.flops, self.seq_len = method, int(seed), flops, seq_len
+        self.host = None
+
+    @property
+    def method(self) -> Method | None:
+        """The attached method while training (None before and after)."""
+        return self.host.method if self.host is not None else None
+
+    @property
+    def last(self) -> StepInfo | None:
+        """The ``StepInfo`` of the latest step."""
+        return self.host.last if self.host is not None else None

@@ -51,17 +51,19 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from raptr.errors import RaptrError
-from raptr.integrations.common import FLOPS_MODES, PathFlops, jsonable, unwrap_model
-from raptr.methods.base import Method, StepInfo, options_dict
-from raptr.methods.host import Host, make_method
+from raptr.integrations.common import Hosted, PathFlops, jsonable, unwrap_model
+from raptr.methods.base import options_dict
+from raptr.methods.host import Host
 
-class MethodCallback(TrainerCallback, ExportableState):
+class MethodCallback(Hosted, TrainerCallback, ExportableState):
     """Any registered raptr method for ``transformers.Trainer``.
 
     Args:
         method: a registered method's name (``"raptr"``, ``"pld"``, ``"layerdrop"``, ``"stacking"``, ...).
         seed: seed of the method's randomness (paths, drop masks); a step's path depends only on (seed, step).
         flops: what ``state.total_flos`` counts: ``"hf"``, ``"analytic"`` or ``"off"`` (module docstring).
+        seq_len: tokens per training sequence; required by methods whose FLOPs depend on it (width
+            subnetworks price attention by it), never guessed.
         **options: fields of the method's ``Options`` dataclass.
 
     After ``on_train_begin``: ``.method`` is the attached method, ``.total_steps`` the steps it spans
@@ -70,35 +72,14 @@ class MethodCallback(TrainerCallback, ExportableState):
 
     def __init__(self, method: str = "raptr", seed: int = 0, flops: str = "hf", seq_len: int | None = None,
                  **options: Any):
-        if flops not in FLOPS_MODES:
-            raise RaptrError(f"unknown flops={flops!r}: use one of {', '.join(FLOPS_MODES)}")
         who = type(self).__name__ if type(self) is not MethodCallback else f"{method} method"
-        built = make_method(method, options, who)  # options checks that need no model fail here, at construction
-        self.method_cls, self.options = type(built), built.options
-        if self.method_cls.needs_seq_len and seq_len is None:
-            raise RaptrError(f"the {method} method prices attention by the sequence length: pass seq_len= (the tokens "
-                             "per training sequence, e.g. your tokenizer's max_length)")
-        self.method_name = method
-        self.seed = int(seed)
-        self.flops = flops
-        self.seq_len = seq_len
+        self._build(method, seed, flops, seq_len, options, who)
         self.total_steps: int | None = None  # set at on_train_begin, or restored from a checkpoint
-        self.host: Host | None = None
         self._model: nn.Module | None = None
         self._flops: PathFlops | None = None
         self._flops_calls = 0  # floating_point_ops calls through the Trainer (0 after a step: not hosted)
         self._steps = 0
         self._began = False  # on_train_begin ran on this instance (else a set total_steps was restored)
-
-    @property
-    def method(self) -> Method | None:
-        """The attached method while training (None before and after)."""
-        return self.host.method if self.host is not None else None
-
-    @property
-    def last(self) -> StepInfo | None:
-        """The ``StepInfo`` of the latest step."""
-        return self.host.last if self.host is not None else None
 
     def __repr__(self) -> str:
         args = self._args()

@@ -38,9 +38,9 @@ import lightning.pytorch as pl
 from torch import nn
 
 from raptr.errors import RaptrError
-from raptr.integrations.common import FLOPS_MODES, PathFlops, unwrap_model
-from raptr.methods.base import Method, StepInfo, options_dict
-from raptr.methods.host import Host, make_method
+from raptr.integrations.common import Hosted, PathFlops, unwrap_model
+from raptr.methods.base import options_dict
+from raptr.methods.host import Host
 from raptr.models.registry import find_layer_stack
 
 
@@ -65,7 +65,7 @@ def _input_ids(batch: Any):
     return batch if hasattr(batch, "numel") else None
 
 
-class MethodCallback(pl.Callback):
+class MethodCallback(Hosted, pl.Callback):
     """Any registered raptr method for ``lightning.Trainer``.
 
     Args:
@@ -80,27 +80,11 @@ class MethodCallback(pl.Callback):
 
     def __init__(self, method: str = "raptr", seed: int = 0, flops: str = "hf", seq_len: int | None = None,
                  **options: Any):
-        if flops not in FLOPS_MODES:
-            raise RaptrError(f"unknown flops={flops!r}: use one of {', '.join(FLOPS_MODES)}")
-        built = make_method(method, options)  # checks that need no model fail at construction
-        self.method_cls, self.options = type(built), built.options
-        if self.method_cls.needs_seq_len and seq_len is None:
-            raise RaptrError(f"the {method} method prices attention by the sequence length: pass seq_len= (the tokens "
-                             "per training sequence)")
-        self.method_name, self.seed, self.flops, self.seq_len = method, int(seed), flops, seq_len
-        self.host: Host | None = None
+        self._build(method, seed, flops, seq_len, options, f"{method} method")
         self.total_steps: int | None = None
         self.total_flos = 0
         self._stepped: int | None = None  # global_step whose path is set
         self._pending: dict | None = None  # method state from a checkpoint, loaded at on_fit_start
-
-    @property
-    def method(self) -> Method | None:
-        return self.host.method if self.host is not None else None
-
-    @property
-    def last(self) -> StepInfo | None:
-        return self.host.last if self.host is not None else None
 
     @property
     def state_key(self) -> str:
