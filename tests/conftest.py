@@ -18,6 +18,14 @@ os.environ.setdefault("RAPTR_ALLOW_DIRTY", "1")
 os.environ.setdefault("RAPTR_RT_CSV", str(Path(__file__).resolve().parent / "fixtures" / "rotten_tomatoes_corpus_full.csv.bz2"))
 
 
+def tiny(*extra: str, layers: int = 4, heads: int = 2, batch: int = 4) -> list[str]:
+    """The one tiny run the tests train (d=32, seq 32, 1024-token vocab, one thread), with a test's own
+    overrides last (a later key wins)."""
+    return ["model.d_model=32", f"model.n_heads={heads}", "model.d_ff=64", f"model.n_layers={layers}",
+            "data.vocab_size=1024", "data.seq_len=32", f"train.batch_size={batch}", "train.eval_batches=2",
+            "optim.warmup_steps=2", "train.threads=1", *extra]
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     """A data cache with the austen corpus and small wordpiece and BPE tokenizers built once."""

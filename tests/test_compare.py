@@ -13,11 +13,9 @@ from raptr.experiments.compare import load_compare_config, run_compare
 from raptr.experiments.report import PLOTS, make_report
 from raptr.training.build import build_trainer
 from raptr.training.config import load_config
-from conftest import AUSTEN_DATA
+from conftest import AUSTEN_DATA, tiny
 
-TINY = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_layers=6", "data.vocab_size=1024",
-        "data.seq_len=32", "train.batch_size=4", "train.eval_batches=2", "train.threads=1", "train.steps=60",
-        "train.eval_every=15", "train.checkpoint_every=30", "optim.warmup_steps=2", *AUSTEN_DATA]
+TINY = tiny("train.steps=60", "train.eval_every=15", "train.checkpoint_every=30", *AUSTEN_DATA, layers=6)
 
 
 def scaled(cfg):

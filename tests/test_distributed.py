@@ -10,13 +10,11 @@ import pytest
 import torch
 
 from raptr.training.checkpoint import checkpoint_dirs, load_weights
-from conftest import AUSTEN_DATA
+from conftest import AUSTEN_DATA, tiny
 
 pytestmark = pytest.mark.dist
 
-TINY = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_layers=6", "data.vocab_size=1024",
-        "data.seq_len=32", "train.batch_size=8", "train.eval_batches=2", "optim.warmup_steps=2", "train.threads=1",
-        "method.raptr.schedule=3-4-6", *AUSTEN_DATA, "train.path_check_every=1"]
+TINY = tiny("method.raptr.schedule=3-4-6", *AUSTEN_DATA, "train.path_check_every=1", layers=6, batch=8)
 
 
 def run(args, nproc=1, env=None):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import AUSTEN_DATA
+from conftest import AUSTEN_DATA, tiny
 from raptr.cli import main
 from raptr.core import GatedLayers
 from raptr.errors import RaptrError
@@ -24,8 +24,7 @@ from raptr.models.registry import find_layer_stack, layer_contract
 from raptr.training.config import describe_fields, load_config, to_dict
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "raptr"
-TINY = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_layers=4", "data.vocab_size=1024",
-        "data.seq_len=32", "train.batch_size=4", "train.eval_batches=2", "optim.warmup_steps=2", "train.threads=1"]
+TINY = tiny()
 
 
 @dataclasses.dataclass

@@ -17,14 +17,12 @@ from raptr.errors import RaptrError
 from raptr.experiments import probes as P
 from raptr.training.build import build_trainer, prepare_data
 from raptr.training.config import load_config
-from conftest import AUSTEN_DATA
+from conftest import AUSTEN_DATA, tiny
 
 torch.set_num_threads(1)
 
-TINY = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_layers=4", "data.vocab_size=1024",
-        "data.seq_len=32", "train.batch_size=8", "train.eval_batches=2", "optim.warmup_steps=2", "train.threads=1",
-        "method.raptr.schedule=3-4", "train.steps=20", "train.eval_every=20", "train.checkpoint_every=20",
-        "optim.lr=0.003", "train.device=cpu"]
+TINY = tiny("method.raptr.schedule=3-4", "train.steps=20", "train.eval_every=20", "train.checkpoint_every=20",
+            "optim.lr=0.003", "train.device=cpu", batch=8)
 SMALL = 240  # examples per task (train + test)
 
 

@@ -15,11 +15,9 @@ import torch
 from raptr.training.build import build_trainer, prepare_data
 from raptr.training.checkpoint import checkpoint_dirs, load_state, load_weights, save_checkpoint
 from raptr.training.config import load_config
-from conftest import AUSTEN_DATA
+from conftest import AUSTEN_DATA, tiny
 
-TINY = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_layers=4", "data.vocab_size=1024",
-        "data.seq_len=32", "train.batch_size=4", "train.eval_batches=2", "optim.warmup_steps=2", "train.threads=1",
-        "method.raptr.schedule=3-4"]
+TINY = tiny("method.raptr.schedule=3-4")
 
 
 def tiny_config(tmp_path, data_cache, *extra, preset="bert-tiny-raptr"):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import AUSTEN_DATA
+from conftest import AUSTEN_DATA, tiny
 from raptr.errors import RaptrError
 from raptr.methods import TrainingContext, build_method
 from raptr.methods.registry import method_class
@@ -22,9 +22,8 @@ CASES = {
     "width": {"schedule": "0.5-0.75-1"},
     "depthwidth": {"schedule": "3-4-4", "width_schedule": "0.5-0.75-1", "fixed": "first"},
 }
-TINY = ["model.d_model=32", "model.n_heads=4", "model.d_ff=64", "model.n_layers=4", "data.vocab_size=1024",
-        "data.seq_len=32", "train.batch_size=4", "train.eval_batches=2", "optim.warmup_steps=2", "train.threads=1",
-        "train.steps=12", "train.eval_every=6", "train.checkpoint_every=6", "objective.name=causal", "data.tokenizer=bpe"]
+TINY = tiny("train.steps=12", "train.eval_every=6", "train.checkpoint_every=6", "objective.name=causal",
+            "data.tokenizer=bpe", heads=4)
 
 
 def _overrides(name):
