@@ -97,3 +97,47 @@ def test_training_steps_skip_blocks_exactly_and_leave_their_grads_none():
         for a, b in zip(kept, ref.layers.values()):
             for pa, pb in zip(a.parameters(), b.parameters()):
                 torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5)
+
+
+def _torchrun(out, *args, nproc=2, check=True):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "torchtitan_fsdp.py"
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc > 1 \
+        else [sys.executable]
+    done = subprocess.run(launcher + [str(script), str(out), *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.dist
+def test_fsdp2_per_block_two_ranks_match_one_process_and_dcp_resumes_bitwise(tmp_path):
+    """torchtitan's sharding (fully_shard per block, then the root) with RaPTr paths: 2 ranks give one
+    process's losses; a DCP checkpoint (model + raptr host as a Stateful) resumes the same paths and
+    losses bitwise; a checkpoint of another seed is refused."""
+    import json
+
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    for d in (one, two, resumed):
+        d.mkdir()
+    _torchrun(one, 4, nproc=1)
+    _torchrun(two, 4)
+    l1, l2 = json.loads((one / "losses.json").read_text()), json.loads((two / "losses.json").read_text())
+    assert len(l1) == 4 and l1 == pytest.approx(l2, rel=1e-5)
+    _torchrun(resumed, 4, "--save-at", 2)
+    _torchrun(resumed, 4, "--save-at", 2, "--resume")
+    straight = json.loads((resumed / "losses.json").read_text())
+    assert json.loads((resumed / "losses-resumed.json").read_text()) == straight[2:]  # bitwise
+    other = _torchrun(resumed, 4, "--save-at", 2, "--resume", "--seed", 5, check=False)
+    assert other.returncode != 0 and "written by another method configuration (seed: 3 -> 5)" in other.stderr
+
+
+@pytest.mark.dist
+def test_ranks_with_different_seeds_stop_with_one_error_not_a_hang(tmp_path):
+    done = _torchrun(tmp_path, 4, "--seed-per-rank", check=False)
+    assert done.returncode != 0 and "ranks drew different layer paths at step 0" in done.stderr

@@ -1,0 +1,91 @@
+"""One torchtitan training run with RaPTr, run by tests/test_torchtitan.py in 1 or 2 processes (gloo).
+
+    python tests/torchtitan_fsdp.py OUT STEPS [--save-at K] [--resume] [--seed S] [--seed-per-rank]
+
+torchtitan's Llama-3 debug model (CPU attention: its ScaledDotProductAttention), RaPTr through
+``raptr.wrap`` with the path drawn once per optimizer step before the forward, FSDP2 ``fully_shard``
+per block and at the root as torchtitan's parallelize does (under torchrun), SGD. Rank 0 writes
+the global-batch loss of every step to OUT/losses.json; ``--save-at K`` writes a DCP checkpoint
+(the model and the raptr host, a ``Stateful``) after step K; ``--resume`` loads it first.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import raptr  # noqa: E402
+from test_torchtitan import _ids, _loss, debug_model  # noqa: E402
+
+
+class Training:
+    """The checkpointed state: the model (sharded DTensors under FSDP2) and the raptr host. The
+    optimizer is stateless SGD, so these two are all a resume needs."""
+
+    def __init__(self, model, host):
+        self.model, self.host = model, host
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "raptr": self.host.state_dict()}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.host.load_state_dict(state["raptr"])
+
+
+def main() -> None:
+    out, steps = Path(sys.argv[1]), int(sys.argv[2])
+    args = sys.argv[3:]
+    save_at = int(args[args.index("--save-at") + 1]) if "--save-at" in args else None
+    seed = int(args[args.index("--seed") + 1]) if "--seed" in args else 3
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if "--seed-per-rank" in args:  # a mis-launched job: the ranks would draw different paths
+        seed += rank
+    torch.manual_seed(0)
+    model = debug_model("sdpa").train()
+    host = raptr.wrap(model, schedule="3-4-6", total_steps=steps, seed=seed, check_every=1)
+    if distributed:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers.values():  # torchtitan's order: each block, then the root
+            fully_shard(block)
+        fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    state = {"training": Training(model, host)}
+    start = 0
+    if "--resume" in args:
+        dcp.load(state, checkpoint_id=str(out / "ckpt"))
+        start = save_at
+    ids = _ids(model, seed=1, batch=4)
+    mine = ids.chunk(world)[rank]
+    losses = []
+    for step in range(start, steps):
+        host.step(step, optimizer)
+        loss = _loss(model, mine)
+        loss.backward()
+        optimizer.step()
+        host.after_optimizer_step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        total = loss.detach().clone()
+        if distributed:
+            dist.all_reduce(total)
+        losses.append(total.item() / world)
+        if save_at is not None and step + 1 == save_at and "--resume" not in args:
+            dcp.save(state, checkpoint_id=str(out / "ckpt"))
+    if rank == 0:
+        name = "losses-resumed.json" if "--resume" in args else "losses.json"
+        (out / name).write_text(json.dumps(losses))
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
