@@ -51,15 +51,27 @@ SAMPLINGS = ("bernoulli", "uniform")
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage of every staged schedule: steps [start, end) and the stage's value in (0, 1] — the
+    keep probability of a non-fixed layer (RaPTr's ``Schedule``) or the kept width fraction
+    (``raptr.width.WidthSchedule``)."""
+
     index: int
     start: int  # first step of the stage
     end: int  # one past its last step
-    keep_prob: float  # probability that each non-fixed layer runs
-    path_length: float  # expected number of layers run per step, fixed layers included
+    value: float
+    path_length: float | None = None  # RaPTr: expected layers run per step, fixed layers included
 
     @property
     def steps(self) -> int:
         return self.end - self.start
+
+    @property
+    def keep_prob(self) -> float:
+        return self.value
+
+    @property
+    def fraction(self) -> float:
+        return self.value
 
 
 def parse_numbers(body: str, spec: str, how: str, kind: str = "schedule") -> list[float]:
@@ -147,20 +159,6 @@ def keep_prob_for_path(path_length: float, num_layers: int, num_fixed: int, coun
     return path_length / num_layers
 
 
-@dataclass(frozen=True)
-class Span:
-    """One stage of a ``Stages``: steps [start, end) and the stage's value in (0, 1]."""
-
-    index: int
-    start: int
-    end: int
-    value: float
-
-    @property
-    def steps(self) -> int:
-        return self.end - self.start
-
-
 class Stages:
     """The stage machinery every staged method shares, with no model in it.
 
@@ -197,9 +195,9 @@ class Stages:
             values, lengths = [1.0] + values, [warm] + lengths
         spans, start = [], 0
         for i, (v, n) in enumerate(zip(values, lengths)):
-            spans.append(Span(i, start, start + n, v))
+            spans.append(Stage(i, start, start + n, v))
             start += n
-        self.spans: tuple[Span, ...] = tuple(spans)
+        self.spans: tuple[Stage, ...] = tuple(spans)
         self.total_steps = total_steps
         self.full_warmup_steps = warm
 

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raptr.core import SCALINGS, Stages, branch_scale, parse_fixed, parse_numbers
+from raptr.core import SCALINGS, Stage, Stages, branch_scale, parse_fixed, parse_numbers
 from raptr.errors import RaptrError
 from raptr.flops import LayerShape
 from raptr.ranks import HEADS_STREAM, UNITS_STREAM, RankAgreement, step_generator
@@ -73,18 +73,6 @@ def _supported() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class WidthStage:
-    index: int
-    start: int  # first step of the stage
-    end: int  # one past its last step
-    fraction: float  # kept fraction of every sampled layer's heads (KV groups) and FFN units
-
-    @property
-    def steps(self) -> int:
-        return self.end - self.start
-
-
 class WidthSchedule:
     """Stages of kept width fractions, e.g. ``"0.5-0.75-1"``: the stage machinery of RaPTr's depth
     schedule (``core.Stages``: lengths, full-model warm-up, growth to the full model) with the kept
@@ -95,7 +83,7 @@ class WidthSchedule:
         self.spans = Stages(fractions, total_steps, stage_lengths, full_warmup, require_full_final, what="the fraction",
                             full_hint="end the width schedule at 1 (e.g. '0.5-0.75-1'), or pass "
                                       "WidthRaPTr(require_full_final=False) if that is intended", example="0.5-0.75-1")
-        self.stages: tuple[WidthStage, ...] = tuple(WidthStage(s.index, s.start, s.end, s.value) for s in self.spans.spans)
+        self.stages: tuple[Stage, ...] = self.spans.spans
         self.total_steps, self.full_warmup_steps = total_steps, self.spans.full_warmup_steps
 
     @classmethod
@@ -105,7 +93,7 @@ class WidthSchedule:
         body = spec.strip().replace(" ", "")
         return cls(parse_numbers(body, spec, "write kept fractions per stage like '0.5-0.75-1'", "width schedule"), total_steps, **kwargs)
 
-    def stage_at(self, step: int) -> WidthStage:
+    def stage_at(self, step: int) -> Stage:
         return self.stages[self.spans.index_at(step)]
 
     def fraction(self, step: int) -> float:
