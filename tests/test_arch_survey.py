@@ -225,8 +225,8 @@ def test_wrapping_twice_is_refused():
         raptr.wrap(model, schedule="p:0.5-1", total_steps=10)
 
 
-WIDTH_FAMILIES = ["bert", "roberta", "xlm-roberta", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
-                  "phi3", "gpt2"]
+WIDTH_FAMILIES = ["bert", "roberta", "xlm-roberta", "electra", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                  "gemma3", "phi3", "gpt2", "opt", "gpt_neox"]
 
 
 @pytest.mark.parametrize("name", ["olmo2", "falcon"])

@@ -43,8 +43,9 @@ How (see docs/width.md for the choices and why):
   are bit-identical to the unwrapped model.
 
 Supported layers: raptr's reference ``Block`` and the HF layer classes listed as data in
-``raptr.models.registry.WIDTH_LAYERS`` (BERT, RoBERTa, XLM-R self-attention; Llama, Mistral, Qwen2,
-Qwen3, Gemma, Gemma2, Gemma3; Phi3 and GPT-2 with fused projections, GPT-2's as ``Conv1D``).
+``raptr.models.registry.WIDTH_LAYERS`` (BERT, RoBERTa, XLM-R, ELECTRA self-attention; Llama, Mistral,
+Qwen2, Qwen3, Gemma, Gemma2, Gemma3; OPT; Phi3 and GPT-2 with fused projections, GPT-2's as ``Conv1D``;
+GPT-NeoX's fused projection grouped per head).
 """
 
 from __future__ import annotations
@@ -230,6 +231,7 @@ class WidthLayer:
             self.head_out, self.head_in = [layer.qkv], layer.proj
             self.unit_out, self.unit_in = [layer.fc1], layer.fc2
             self.gated, self.fused_heads, self.fused_units = False, True, False
+            self.interleaved = False
         else:  # per-architecture knowledge is data: raptr.models.registry.WIDTH_LAYERS
             from raptr.models.registry import width_spec
 
@@ -245,6 +247,7 @@ class WidthLayer:
             self.head_out, self.head_in = [get(p) for p in spec.head_out], get(spec.head_in)
             self.unit_out, self.unit_in = [get(p) for p in spec.unit_out], get(spec.unit_in)
             self.fused_heads, self.fused_units = len(self.head_out) == 1, spec.fused_units
+            self.interleaved = spec.interleaved
         # Everything is checked before anything is changed: a refused layer is left as it was.
         for lin in self.linears():
             if not _plain(lin, conv1d):
@@ -266,6 +269,8 @@ class WidthLayer:
         self.d_ff = _features(self.unit_in)[0]
         self.n_rep = self.n_heads // self.n_kv  # query heads per KV group (1 without GQA)
         fused = _features(self.head_out[0])[1]
+        if self.interleaved and self.n_rep != 1:
+            raise RaptrError(f"{name}: a fused projection grouped per head is supported without grouped-query attention only")
         if self.fused_heads and fused != (self.n_heads + 2 * self.n_kv) * self.head_dim:
             raise RaptrError(f"{name}: the fused q|k|v projection has {fused} outputs, not (heads {self.n_heads} + 2 x kv "
                              f"{self.n_kv}) x head_dim {self.head_dim}: its config and weights disagree")
@@ -349,7 +354,9 @@ class WidthLayer:
         hd, device = self.head_dim, self.head_in.weight.device
         q_rows = _expand(_expand(groups, self.n_rep), hd)  # query heads of the kept groups, then their rows
         kv_rows = _expand(groups, hd)
-        if self.fused_heads:  # rows [q | k | v] of one projection
+        if self.fused_heads and self.interleaved:  # rows [q_h | k_h | v_h] per head (no GQA)
+            out = [_expand(groups, 3 * hd)]
+        elif self.fused_heads:  # rows [q | k | v] of one projection
             q_end, k_end = self.n_heads * hd, (self.n_heads + self.n_kv) * hd
             out = [torch.cat([q_rows, kv_rows + q_end, kv_rows + k_end])]
         else:

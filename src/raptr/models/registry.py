@@ -118,6 +118,7 @@ class WidthSpec:
     n_kv_heads: str | None = None
     follow: tuple[tuple[str, str], ...] = ()
     conv1d: bool = False
+    interleaved: bool = False  # fused rows per head, [q_h | k_h | v_h] for h = 0..n-1 (GPT-NeoX), not [q | k | v]
 
 
 _BERT_WIDTH = WidthSpec(("attention.self.query", "attention.self.key", "attention.self.value"), "attention.output.dense",
@@ -135,14 +136,28 @@ _GPT2_WIDTH = WidthSpec(("attn.c_attn",), "attn.c_proj", ("mlp.c_fc",), "mlp.c_p
                         n_heads="attn.num_heads", follow=(("attn.split_size", "q_width"),), conv1d=True,
                         absent=("crossattention",))
 
+# OPT: separate q/k/v, fc1/fc2 on the layer; its attention reshapes with view(bsz, -1, num_heads, head_dim),
+# so num_heads follows the kept heads during a sliced forward.
+_OPT_WIDTH = WidthSpec(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.out_proj", ("fc1",), "fc2",
+                       "self_attn.head_dim", n_heads="self_attn.num_heads", follow=(("self_attn.num_heads", "heads"),))
+
+# GPT-NeoX: one fused query_key_value whose rows are grouped per head ([q_h | k_h | v_h]); its attention
+# reshapes with view(..., -1, 3 * head_size), so fewer heads pass through.
+_NEOX_WIDTH = WidthSpec(("attention.query_key_value",), "attention.dense", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
+                        "attention.head_size", n_heads="attention.config.num_attention_heads", interleaved=True)
+
 # Width subnetworks, per layer class (by name, so no transformers import is needed here).
 WIDTH_LAYERS: dict[str, WidthSpec] = {
-    **{name: _BERT_WIDTH for name in ("BertLayer", "RobertaLayer", "XLMRobertaLayer")},
+    **{name: _BERT_WIDTH for name in ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLayer")},
+    "OPTDecoderLayer": _OPT_WIDTH,
+    "GPTNeoXLayer": _NEOX_WIDTH,
     **{name: _LLAMA_WIDTH for name in ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
                                         "GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer")},
     "Phi3DecoderLayer": _PHI3_WIDTH,
     "GPT2Block": _GPT2_WIDTH,
     # Not OLMo2: its q/k norms span the whole projection width, so heads cannot be sliced out of them.
+    # Not Falcon: its default multi-query attention has one KV head, so a KV group (the unit of head
+    # sampling) is the whole attention; its FFN alone could be sliced, which width does not offer.
 }
 
 
