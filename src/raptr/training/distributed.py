@@ -2,8 +2,9 @@
 
 Every rank draws the same path with no communication (the sampler is seeded by (seed, step)),
 so skipped layers are *globally* unused: DDP's ``find_unused_parameters`` leaves their ``.grad``
-``None`` and FSDP2 issues no collectives for a skipped block on any rank. A cheap all-reduce of a
-path hash every few steps turns a broken assumption into a clear error instead of a hang.
+``None`` and FSDP2 issues no collectives for a skipped block on any rank. The host
+(``raptr.methods.host.Host``) all-reduces a path hash every ``train.path_check_every`` steps, so a
+broken assumption is a clear error instead of a hang.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raptr.ranks import path_hash, ranks_agree
-from raptr.errors import RaptrError
 
 
 @dataclass(frozen=True)
@@ -63,24 +62,6 @@ def wrap_model(model: nn.Module, layers: nn.ModuleList, info: DistInfo, strategy
     device_ids = [info.local_rank] if next(model.parameters()).is_cuda else None
     # Needed only when layers can be skipped: it costs a graph traversal per step.
     return DDP(model, device_ids=device_ids, find_unused_parameters=may_skip)
-
-
-def check_same_path(path: tuple[bool, ...] | None, step: int, info: DistInfo, model: nn.Module | None = None) -> None:
-    """All ranks must run the same layers this step (and, under DDP, hold the same weights)."""
-    if not info.enabled:
-        return
-    values = [float(path_hash(path, step) % 2**52)]
-    if model is not None:  # replicas: bitwise-equal weights give bitwise-equal sums
-        values.append(sum(float(p.detach().double().sum()) for p in model.parameters()))
-    same = ranks_agree(values, step=step)
-    if not same[0]:
-        raise RaptrError(
-            f"ranks drew different layer paths at step {step}: every rank must use the same train.seed and "
-            "schedule (the path is a function of seed and step only)"
-        )
-    if len(same) > 1 and not same[1]:
-        raise RaptrError(f"DDP replicas hold different weights at step {step}: a rank skipped a layer the others ran; "
-                         "report this with your config")
 
 
 def all_sum(values: list[float], info: DistInfo) -> list[float]:
