@@ -230,9 +230,8 @@ def test_a_method_from_a_test_file_runs_under_the_hf_trainer(skipone, austen_seq
     assert [h["skipone/path_length"] for h in trainer.state.log_history if "skipone/path_length" in h] == [4, 3, 4, 3]
 
 
-def test_a_method_from_a_test_file_runs_under_lightning(skipone, austen_sequences, tmp_path):
-    pl = pytest.importorskip("lightning.pytorch")
-    from raptr.integrations.lightning import MethodCallback
+def _lightning_gpt2(pl, lr: float = 1e-3):
+    """A user's LightningModule holding the tiny GPT-2 (``self.model``), trained with AdamW."""
 
     class LM(pl.LightningModule):
         def __init__(self):
@@ -243,9 +242,16 @@ def test_a_method_from_a_test_file_runs_under_lightning(skipone, austen_sequence
             return self.model(input_ids=batch, labels=batch).loss
 
         def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+            return torch.optim.AdamW(self.parameters(), lr=lr)
 
-    module = LM()
+    return LM()
+
+
+def test_a_method_from_a_test_file_runs_under_lightning(skipone, austen_sequences, tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from raptr.integrations.lightning import MethodCallback
+
+    module = _lightning_gpt2(pl)
     trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     calls = _layer_calls(find_layer_stack(module.model), lambda: trainer.global_step)
@@ -370,18 +376,7 @@ def test_every_host_runs_one_specification(slowodd, austen_sequences, data_cache
     hf_flops = trainer.state.total_flos
 
     # 3. Lightning
-    class LM(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = _gpt2()
-
-        def training_step(self, batch, batch_idx):
-            return self.model(input_ids=batch, labels=batch).loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=LR)
-
-    module = LM()
+    module = _lightning_gpt2(pl, LR)
     lrs = []
     trainer = pl.Trainer(max_steps=STEPS_SPEC, accumulate_grad_batches=ACCUM, accelerator="cpu", devices=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
