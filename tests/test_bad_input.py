@@ -46,7 +46,6 @@ CASES = {
     "plan negative d-model": P12 + ["--schedule", "6-8-10-12", "--d-model", "-5"],
     "plan head positions": P12 + ["--schedule", "6-8-10-12", "--head-positions", "2"],
     "plan bad target": P12 + ["--target", "1.5"],
-    "plan nothing to plan": P12,
     "plan bad prop": P12 + ["--schedule", "6-8-10-12", "--stages", "prop:x"],
     "plan stage count": P12 + ["--schedule", "6-8-10-12", "--stages", "1,2"],
     "plan fixed out of range": P12 + ["--schedule", "6-8-10-12", "--fixed", "99"],

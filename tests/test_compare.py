@@ -5,6 +5,7 @@ import json
 import math
 import struct
 import time
+from pathlib import Path
 
 import pytest
 
@@ -175,7 +176,7 @@ def test_reuse_copies_identical_runs_of_another_suite(tmp_path, data_cache):
     assert source == {n: (tmp_path / "clm-tiny/runs" / n / "summary.json").stat().st_mtime for n in source}
     assert not (root / "runs/standard/checkpoints").exists()
     # the copies are what training would give: the same config trained here reproduces the logged losses
-    again = build_trainer(load_config(first.base, first.overrides + ["method.name=raptr", "method.raptr.schedule=3-4-5-6",
+    again = build_trainer(load_config(first.base, first.overrides + ["method.name=raptr", "method.raptr.schedule=3-4-5-6", "method.raptr.stage_lengths=equal",
                                                                       "train.seed=0", "train.path_seed=0",
                                                                       f"train.out_dir={tmp_path}/again"]), progress=False).fit()
     assert again["final_val_loss"] == runs["6-8-10-12"]["final_val_loss"]
@@ -362,3 +363,27 @@ def test_horizon_change_by_hand_from_committed_logs(tmp_path):
     (tmp_path / "ul2-tiny/compare.json").write_text(json.dumps({**meta, "horizon_of": "clm-tiny-4000"}))
     hz = build_evidence(tmp_path / "ul2-tiny")["horizon"]
     assert hz["comparisons"] == [] and "no suite 'clm-tiny-4000'" in hz["note"]
+
+
+def test_every_committed_run_is_what_its_suite_resolves_to_today():
+    """A changed default (e.g. RaPTr's schedule) must not change what a committed suite means: every
+    run under docs/results resolves, from its suite file and today's defaults, to the config it logged
+    (a FLOP-matched arm's step count comes from its target's FLOPs, so only that may differ)."""
+    from raptr.experiments.compare import _numerics, arm_overrides, load_compare_config, parse_label
+    from raptr.training.config import RunConfig, from_dict
+
+    root = Path(__file__).resolve().parent.parent / "docs" / "results"
+    checked = 0
+    for suite_dir in sorted(p for p in root.iterdir() if (p / "compare.json").is_file()):
+        cfg = load_compare_config(f"compare/{suite_dir.name}")
+        arms = {a.name: a for a in cfg.arms}
+        for run in sorted((suite_dir / "runs").iterdir()):
+            arm, seed = parse_label(run.name, cfg)
+            ours = _numerics(load_config(cfg.base, arm_overrides(cfg, arms[arm], seed, suite_dir)))
+            logged = _numerics(from_dict(RunConfig, json.loads((run / "config.json").read_text())))
+            if arms[arm].match_flops_of:
+                ours.pop("train.steps"), logged.pop("train.steps")
+            assert ours == logged, (suite_dir.name, run.name, {k: (ours.get(k), logged.get(k)) for k in set(ours) | set(logged)
+                                                               if ours.get(k) != logged.get(k)})
+            checked += 1
+    assert checked >= 60, checked

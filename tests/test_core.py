@@ -46,6 +46,51 @@ def test_stage_lengths_prop_fractions_steps_and_warmup():
     assert [st.keep_prob for st in probs.stages] == [0.5, 1.0]
 
 
+def test_depth_fractions_and_the_default_schedule():
+    """f:0.25-0.5-0.75-1 is 3-6-9-12 on 12 layers (the same keep probabilities, bit for bit) and scales
+    with depth; RaPTr's default is that with Prop-1 stage lengths, 0.75x the layer FLOPs."""
+    from raptr.methods.raptr import RaPTrOptions, build_schedule
+
+    frac, lengths = Schedule.parse("f:0.25-0.5-0.75-1", 12, 1000), Schedule.parse("3-6-9-12", 12, 1000)
+    assert [st.keep_prob for st in frac.stages] == [st.keep_prob for st in lengths.stages] == pytest.approx([0.1, 0.4, 0.7, 1.0])
+    assert [st.path_length for st in Schedule.parse("f:0.25-0.5-0.75-1", 32, 100).stages] == [8, 16, 24, 32]
+    default = RaPTrOptions()
+    assert (default.schedule, default.stage_lengths) == ("f:0.25-0.5-0.75-1", "prop:1")
+    on12 = build_schedule(default, 12, 1000)
+    assert [st.steps for st in on12.stages] == [100, 200, 300, 400]
+    assert [st.path_length for st in on12.stages] == [3, 6, 9, 12]
+    assert on12.relative_layer_flops() == pytest.approx(0.75)
+    with pytest.raises(RaptrError, match=r"path length 1\.5 .* \(of 6 layers\) .*raptr plan --layers 6 --target 0\.75"):
+        build_schedule(default, 6, 100)  # too shallow for the default: one line that says what to do
+    for bad in ("f:0-1", "f:0.5-2"):
+        with pytest.raises(RaptrError, match="depth fractions"):
+            Schedule.parse(bad, 12, 100)
+
+
+def test_presets_use_the_default_and_keep_the_papers_schedule_by_name():
+    from raptr.training.config import load_config
+
+    for preset in ("bert-tiny-raptr", "bert-base-raptr", "ul2-tiny-raptr"):
+        r = load_config(preset).method.raptr
+        assert (r.schedule, r.stage_lengths) == ("f:0.25-0.5-0.75-1", "prop:1"), preset
+    for preset in ("bert-tiny-raptr-paper", "bert-base-raptr-paper"):
+        r = load_config(preset).method.raptr
+        assert (r.schedule, r.stage_lengths) == ("6-8-10-12", "equal"), preset
+
+
+def test_plan_shows_the_default_and_ranks_prop1_first(capsys):
+    from raptr.cli import main
+
+    assert main(["plan", "--layers", "32", "--steps", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "prop:1 stages" in out and "24.00" in out and "0.7500" in out
+    assert main(["plan", "--layers", "12", "--target", "0.75", "--top", "3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "0.75" in line and "│" in line]
+    assert "3-6-9-12" in rows[0] and "prop:1" in rows[0], rows
+    assert main(["plan", "--layers", "12", "--target", "0.75", "--stages", "equal"]) == 0
+    assert "prop:1" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "spec, kwargs, message",
     [

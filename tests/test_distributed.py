@@ -40,7 +40,7 @@ def final_weights(run_dir: Path) -> dict:
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(tmp_path, data_cache, parallel):
-    common = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "train.steps=12",
+    common = ["train", "--config", "bert-tiny-raptr-paper", "-q", *TINY, f"data.cache_dir={data_cache}", "train.steps=12",
               "train.eval_every=6", "train.checkpoint_every=6", f"train.parallel={parallel}"]
     run(common + [f"train.out_dir={tmp_path}/one"])
     run(common + [f"train.out_dir={tmp_path}/two"], nproc=2)  # path and replica checks every step
@@ -57,7 +57,7 @@ def test_two_ranks_match_one_process(tmp_path, data_cache, parallel):
 
 
 def test_resume_under_torchrun(tmp_path, data_cache):
-    common = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "train.steps=10",
+    common = ["train", "--config", "bert-tiny-raptr-paper", "-q", *TINY, f"data.cache_dir={data_cache}", "train.steps=10",
               "train.eval_every=5", "train.checkpoint_every=4"]
     run(common + [f"train.out_dir={tmp_path}/straight"], nproc=2)
     run(common + [f"train.out_dir={tmp_path}/resumed", "--stop-after", "4"], nproc=2)
@@ -127,7 +127,7 @@ def test_sigterm_under_torchrun_stops_every_rank_with_a_checkpoint(tmp_path, dat
     import signal
     import time
 
-    common = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "train.steps=400",
+    common = ["train", "--config", "bert-tiny-raptr-paper", "-q", *TINY, f"data.cache_dir={data_cache}", "train.steps=400",
               "train.eval_every=1000", "train.checkpoint_every=1000", "train.path_check_every=50"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "raptr"]
     proc = subprocess.Popen(launcher + common + [f"train.out_dir={tmp_path}/run"], stdout=subprocess.PIPE,
@@ -147,7 +147,7 @@ def test_sigterm_under_torchrun_stops_every_rank_with_a_checkpoint(tmp_path, dat
 
 
 def test_stacking_grows_under_ddp_like_one_process(tmp_path, data_cache):
-    common = ["train", "--config", "bert-tiny-raptr", "-q", *TINY, f"data.cache_dir={data_cache}", "train.steps=12",
+    common = ["train", "--config", "bert-tiny-raptr-paper", "-q", *TINY, f"data.cache_dir={data_cache}", "train.steps=12",
               "train.eval_every=6", "train.checkpoint_every=6", "method.name=stacking", "method.stacking.schedule=3-6"]
     run(common + [f"train.out_dir={tmp_path}/one"])
     run(common + [f"train.out_dir={tmp_path}/two"], nproc=2)  # DDP is re-wrapped when the model grows

@@ -31,6 +31,7 @@ from raptr.models.registry import find_layer_stack, model_flops  # noqa: E402
 
 L, T, B, STEPS = 6, 32, 4, 12
 SCHEDULE = "3-4-5-6"  # fixed first+last; p = 0.25, 0.5, 0.75, 1 over four stages of 3 steps
+EQUAL = {"stage_lengths": "equal"}  # (the default is Prop-1 lengths; these tests count equal stages)
 KEEP = [0.25, 0.5, 0.75, 1.0]
 
 
@@ -176,7 +177,7 @@ def raptr_logs(trainer):
 
 
 def test_skips_layers_and_stages_progress(corpus, tmp_path):
-    cb = RaPTrCallback(SCHEDULE, seed=0)
+    cb = RaPTrCallback(SCHEDULE, **EQUAL, seed=0)
     trainer, probe = train(corpus, "bert", tmp_path, cb)
     assert sorted(probe.steps) == list(range(STEPS))
     skipped_somewhere = False
@@ -209,11 +210,11 @@ def cb_plan(schedule, seed, step, **options):
 
     model = nn.Module()
     model.layer_stack = lambda: nn.ModuleList(nn.Linear(1, 1) for _ in range(L))
-    return raptr.wrap(model, schedule, STEPS, seed, **options).method.raptr.plan(step).active
+    return raptr.wrap(model, schedule, STEPS, seed, **{**EQUAL, **options}).method.raptr.plan(step).active
 
 
 def test_gradient_accumulation_micro_batches_share_a_path(corpus, tmp_path):
-    trainer, probe = train(corpus, "gpt2", tmp_path, RaPTrCallback(SCHEDULE, seed=1), gradient_accumulation_steps=2,
+    trainer, probe = train(corpus, "gpt2", tmp_path, RaPTrCallback(SCHEDULE, **EQUAL, seed=1), gradient_accumulation_steps=2,
                            logging_steps=4)
     assert sorted(probe.steps) == list(range(STEPS))
     for step, seen in probe.steps.items():
@@ -232,7 +233,7 @@ def test_gradient_accumulation_micro_batches_share_a_path(corpus, tmp_path):
 def test_total_flos_counts_only_layers_run(corpus, tmp_path):
     base, _ = train(corpus, "bert", tmp_path / "base")
     # Uniform sampling keeps exactly 1, 2, 3, 4 of the 4 free layers per stage: paths 3, 4, 5, 6.
-    rp, probe = train(corpus, "bert", tmp_path / "raptr", RaPTrCallback(SCHEDULE, sampling="uniform"))
+    rp, probe = train(corpus, "bert", tmp_path / "raptr", RaPTrCallback(SCHEDULE, **EQUAL, sampling="uniform"))
     model = make_model(corpus, "bert")
     n_params = model.num_parameters(exclude_embeddings=True)
     per_layer = sum(p.numel() for p in find_layer_stack(model)[0].parameters())
@@ -251,7 +252,7 @@ def test_total_flos_counts_only_layers_run(corpus, tmp_path):
 
 
 def test_analytic_flops(corpus, tmp_path):
-    trainer, probe = train(corpus, "gpt2", tmp_path, RaPTrCallback(SCHEDULE, flops="analytic"))
+    trainer, probe = train(corpus, "gpt2", tmp_path, RaPTrCallback(SCHEDULE, **EQUAL, flops="analytic"))
     model = trainer.model
     flops = model_flops(model, T)
     lengths = [sum(probe.steps[s]["ran"]) for s in range(STEPS)]
@@ -268,7 +269,7 @@ def test_analytic_flops(corpus, tmp_path):
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_resume_continues_the_schedule(corpus, tmp_path, arch):
-    full, probe_full = train(corpus, arch, tmp_path / "full", RaPTrCallback(SCHEDULE, seed=7))
+    full, probe_full = train(corpus, arch, tmp_path / "full", RaPTrCallback(SCHEDULE, **EQUAL, seed=7))
     ckpt = tmp_path / "full" / "checkpoint-6"
     saved = json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]["RaPTrCallback"]
     assert saved["args"] == {"schedule": SCHEDULE, "seed": 7, "flops": "hf", "seq_len": None, "stage_lengths": "equal", "fixed": "first,last",
@@ -278,14 +279,14 @@ def test_resume_continues_the_schedule(corpus, tmp_path, arch):
     assert saved["attributes"]["method_state"]["record"]["seed"] == 7
 
     # HF's default: the script's callback (same arguments) is used; paths are a function of (seed, step).
-    _, probe_same = train(corpus, arch, tmp_path / "same", RaPTrCallback(SCHEDULE, seed=7), resume=str(ckpt))
+    _, probe_same = train(corpus, arch, tmp_path / "same", RaPTrCallback(SCHEDULE, **EQUAL, seed=7), resume=str(ckpt))
     assert sorted(probe_same.steps) == list(range(6, STEPS))
     assert probe_same.paths(range(6, STEPS)) == probe_full.paths(range(6, STEPS))
 
     # Without restore_callback_states_from_checkpoint, a script whose RaPTr arguments changed is refused
     # (the one resume rule of every method and host), and the model is left as it was.
     state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
-    other = RaPTrCallback(SCHEDULE, seed=123, flops="off")
+    other = RaPTrCallback(SCHEDULE, **EQUAL, seed=123, flops="off")
     model = make_model(corpus, arch)
     with pytest.raises(RaptrError, match="seed: 7 -> 123.*restore_callback_states_from_checkpoint"):
         other.on_train_begin(make_args(tmp_path), state, TrainerControl(), model=model)
@@ -293,7 +294,7 @@ def test_resume_continues_the_schedule(corpus, tmp_path, arch):
 
     # restore_callback_states_from_checkpoint: the checkpoint's configuration wins over the script's.
     with pytest.warns(UserWarning, match="keeping the checkpoint's schedule"):
-        resumed, probe = train(corpus, arch, tmp_path / "restored", RaPTrCallback(SCHEDULE, seed=123), resume=str(ckpt),
+        resumed, probe = train(corpus, arch, tmp_path / "restored", RaPTrCallback(SCHEDULE, **EQUAL, seed=123), resume=str(ckpt),
                                restore_callback_states_from_checkpoint=True, max_steps=STEPS + 2)
     cb = next(c for c in resumed.callback_handler.callbacks if isinstance(c, RaPTrCallback))
     assert (cb.seed, cb.total_steps) == (7, STEPS)
@@ -303,15 +304,15 @@ def test_resume_continues_the_schedule(corpus, tmp_path, arch):
 
 def test_options_and_ddp_warnings(corpus, tmp_path):
     with pytest.raises(RaptrError, match="unknown RaPTrCallback option"):
-        RaPTrCallback(SCHEDULE, shedule_lengths="equal")
+        RaPTrCallback(SCHEDULE, **EQUAL, shedule_lengths="equal")
     with pytest.raises(RaptrError, match="unknown flops"):
-        RaPTrCallback(SCHEDULE, flops="exact")
+        RaPTrCallback(SCHEDULE, **EQUAL, flops="exact")
     with pytest.raises(RaptrError, match="exceeds the model's 6 layers"):
         RaPTrCallback("6-8-10-12").on_train_begin(make_args(tmp_path), TrainerState(max_steps=STEPS), TrainerControl(),
                                                   model=make_model(corpus, "gpt2"))
 
     model = make_model(corpus, "gpt2")
-    cb = RaPTrCallback(SCHEDULE)
+    cb = RaPTrCallback(SCHEDULE, **EQUAL)
     with pytest.warns(UserWarning) as caught:
         cb.on_train_begin(make_args(tmp_path, ddp_find_unused_parameters=False, ddp_static_graph=True),
                           TrainerState(max_steps=STEPS), TrainerControl(), model=model)
@@ -321,7 +322,7 @@ def test_options_and_ddp_warnings(corpus, tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cb = RaPTrCallback(SCHEDULE, flops="off")  # the default DDP settings of the Trainer say nothing
+        cb = RaPTrCallback(SCHEDULE, **EQUAL, flops="off")  # the default DDP settings of the Trainer say nothing
         cb.on_train_begin(make_args(tmp_path), TrainerState(max_steps=STEPS), TrainerControl(), model=model)
         cb.on_train_end(None, None, None)
 
@@ -334,7 +335,7 @@ def test_model_inside_ddp_is_unwrapped(corpus, tmp_path):
         model = make_model(corpus, "gpt2")
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         assert unwrap_model(ddp) is model
-        cb = RaPTrCallback(SCHEDULE, flops="off")
+        cb = RaPTrCallback(SCHEDULE, **EQUAL, flops="off")
         cb.on_train_begin(make_args(tmp_path), TrainerState(max_steps=STEPS), TrainerControl(), model=ddp)
         assert all(isinstance(layer, LayerGate) for layer in find_layer_stack(model))
         ids = corpus["seqs"][:2]
@@ -349,7 +350,7 @@ def test_model_inside_ddp_is_unwrapped(corpus, tmp_path):
 
         # What the warning is about: with find_unused_parameters=False, DDP fails once a layer sits out.
         plain = nn.parallel.DistributedDataParallel(make_model(corpus, "gpt2"), find_unused_parameters=False)
-        cb = RaPTrCallback(SCHEDULE, flops="off")
+        cb = RaPTrCallback(SCHEDULE, **EQUAL, flops="off")
         cb.on_train_begin(make_args(tmp_path), TrainerState(max_steps=STEPS), TrainerControl(), model=plain)
         with pytest.raises(RuntimeError, match="find_unused_parameters=True"):
             for step in range(3):
@@ -364,7 +365,7 @@ def test_model_inside_ddp_is_unwrapped(corpus, tmp_path):
 def test_plain_trainer_is_told_its_flops_count_every_layer(corpus, tmp_path):
     """transformers 5's Trainer.floating_point_ops never asks the model: without the mixin, say so once."""
     with pytest.warns(UserWarning, match="does not ask raptr for FLOPs") as caught:
-        plain, probe = train(corpus, "gpt2", tmp_path / "plain", RaPTrCallback(SCHEDULE), trainer_cls=Trainer)
+        plain, probe = train(corpus, "gpt2", tmp_path / "plain", RaPTrCallback(SCHEDULE, **EQUAL), trainer_cls=Trainer)
     assert sum("does not ask raptr" in str(w.message) for w in caught) == 1
     assert any(not all(s["ran"]) for s in probe.steps.values())  # the method still ran
     base, _ = train(corpus, "gpt2", tmp_path / "base", trainer_cls=Trainer)
@@ -463,7 +464,7 @@ def test_torch_compile_true_keeps_its_graphs_over_changing_paths(corpus, tmp_pat
 
 
 def test_logged_layer_units_are_means_over_the_logging_window(corpus, tmp_path):
-    trainer, probe = train(corpus, "gpt2", tmp_path, RaPTrCallback(SCHEDULE, seed=0), logging_steps=3, save_strategy="no")
+    trainer, probe = train(corpus, "gpt2", tmp_path, RaPTrCallback(SCHEDULE, **EQUAL, seed=0), logging_steps=3, save_strategy="no")
     logs = raptr_logs(trainer)
     assert len(logs) == STEPS // 3
     for h in logs:

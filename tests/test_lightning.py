@@ -145,3 +145,34 @@ def test_unknown_options_and_models_without_layers():
 
     with pytest.raises(RaptrError, match="no transformer layer stack"):
         find_model(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.dist
+def test_fsdp2_under_lightning_two_ranks_match_one_process(sequences, tmp_path):
+    """Lightning's ModelParallelStrategy (FSDP2, fully_shard per block in configure_model) on 2 CPU ranks
+    with the raptr callback: each rank holds half of every block, both draw the same paths, skipped
+    blocks get no gradient, and the losses are one process's (every rank is fed the same batches)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "data.pt"
+    torch.save(sequences, data)
+    script = Path(__file__).resolve().parent / "lightning_fsdp.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, launcher, extra in (("one", [sys.executable], []),
+                                 ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"],
+                                  ["--fsdp"])):
+        (tmp_path / out).mkdir()
+        done = subprocess.run(launcher + [str(script), str(tmp_path / out), str(data), *extra], capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["strategy"] for r in ranks] == ["ModelParallelStrategy"] * 2 and [r["held"] for r in ranks] == [0.5, 0.5]
+    assert ranks[0]["ran"] == ranks[1]["ran"] == one["ran"] and any(len(r) < L for r in one["ran"])
+    for r in ranks:
+        assert r["grads"] == [[i in ran for i in range(L)] for ran in one["ran"]]  # skipped: no gradient
+        assert r["losses"] == pytest.approx(one["losses"], rel=1e-5)

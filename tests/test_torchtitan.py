@@ -141,3 +141,24 @@ def test_fsdp2_per_block_two_ranks_match_one_process_and_dcp_resumes_bitwise(tmp
 def test_ranks_with_different_seeds_stop_with_one_error_not_a_hang(tmp_path):
     done = _torchrun(tmp_path, 4, "--seed-per-rank", check=False)
     assert done.returncode != 0 and "ranks drew different layer paths at step 0" in done.stderr
+
+
+@pytest.mark.dist
+def test_tensor_parallel_two_ranks_match_one_process_and_skip_blocks_alike(tmp_path):
+    """Tensor parallel inside every block (each rank holds half of every block's heads and FFN units):
+    a skipped block runs none of its collectives on any rank (the paths agree, so nothing waits), the
+    losses equal one process's, and skipped blocks' (sharded) parameters get no gradient."""
+    import json
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    _torchrun(one, 4, "--tp", nproc=1)
+    _torchrun(two, 4, "--tp")
+    layout = json.loads((two / "layout.json").read_text())
+    assert layout["wqkv_local"][0] * 2 == layout["wqkv"][0]  # really sharded: half the fused QKV rows per rank
+    l1, l2 = json.loads((one / "losses.json").read_text()), json.loads((two / "losses.json").read_text())
+    assert len(l2) == 4 and l1 == pytest.approx(l2, rel=1e-5)
+    paths = json.loads((two / "paths.json").read_text())
+    assert paths == json.loads((one / "paths.json").read_text())
+    assert any(not all(p["path"]) for p in paths)  # some steps skip blocks
+    assert all(p["grads"] == p["path"] for p in paths)

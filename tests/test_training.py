@@ -48,7 +48,7 @@ def test_trainer_runs_raptr_and_logs_flops_and_boundaries(tmp_path, data_cache):
     assert all(r["layers_run"] == 6 for r in train if r["stage"] == 2)  # last stage: full model
     assert any(r["layers_run"] < 6 for r in train if r["stage"] == 0)
     boundary_steps = {r["step"] for r in evals if r.get("boundary")}
-    assert boundary_steps == set(trainer.method.stage_boundaries()) == {5, 11}
+    assert boundary_steps == set(trainer.method.stage_boundaries()) == {3, 8}  # the default Prop-1 lengths: 16 x 1/6, 3/6
     assert summary["relative_flops"] < 1.0 and summary["final_val_loss"] == evals[-1]["val_loss"]
     assert (tmp_path / "run" / "summary.json").is_file() and any((tmp_path / "run" / "tb").iterdir())
     assert checkpoint_dirs(tmp_path / "run" / "checkpoints")[-1].name == "step_0000016"

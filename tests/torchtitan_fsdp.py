@@ -1,12 +1,16 @@
 """One torchtitan training run with RaPTr, run by tests/test_torchtitan.py in 1 or 2 processes (gloo).
 
-    python tests/torchtitan_fsdp.py OUT STEPS [--save-at K] [--resume] [--seed S] [--seed-per-rank]
+    python tests/torchtitan_fsdp.py OUT STEPS [--tp] [--save-at K] [--resume] [--seed S] [--seed-per-rank]
 
 torchtitan's Llama-3 debug model (CPU attention: its ScaledDotProductAttention), RaPTr through
-``raptr.wrap`` with the path drawn once per optimizer step before the forward, FSDP2 ``fully_shard``
-per block and at the root as torchtitan's parallelize does (under torchrun), SGD. Rank 0 writes
-the global-batch loss of every step to OUT/losses.json; ``--save-at K`` writes a DCP checkpoint
-(the model and the raptr host, a ``Stateful``) after step K; ``--resume`` loads it first.
+``raptr.wrap`` with the path drawn once per optimizer step before the forward, SGD. Under torchrun:
+FSDP2 ``fully_shard`` per block and at the root as torchtitan's parallelize does, each rank on its
+share of the batch; or with ``--tp`` tensor parallel inside every block (the fused QKV and FFN
+up-projections column-wise, ``wo`` and ``w2`` row-wise: each rank holds half the heads and FFN units),
+every rank on the whole batch. Rank 0 writes the global-batch loss of every step to
+OUT/losses.json and the layers run / the layers with gradients per step to OUT/paths.json;
+``--save-at K`` writes a DCP checkpoint (the model and the raptr host, a ``Stateful``) after step K;
+``--resume`` loads it first.
 """
 
 import json
@@ -52,7 +56,17 @@ def main() -> None:
     torch.manual_seed(0)
     model = debug_model("sdpa").train()
     host = raptr.wrap(model, schedule="3-4-6", total_steps=steps, seed=seed, check_every=1)
-    if distributed:
+    tp = "--tp" in args
+    if distributed and tp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+        plan = {"attention.qkv_linear.wqkv": ColwiseParallel(), "attention.wo": RowwiseParallel(),  # QKV fused per head
+                "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(), "feed_forward.w2": RowwiseParallel()}
+        for block in model.layers.values():
+            parallelize_module(block, mesh, plan)
+    elif distributed:
         from torch.distributed.fsdp import fully_shard
 
         for block in model.layers.values():  # torchtitan's order: each block, then the root
@@ -65,24 +79,31 @@ def main() -> None:
         dcp.load(state, checkpoint_id=str(out / "ckpt"))
         start = save_at
     ids = _ids(model, seed=1, batch=4)
-    mine = ids.chunk(world)[rank]
-    losses = []
+    mine = ids if tp else ids.chunk(world)[rank]
+    losses, paths = [], []
     for step in range(start, steps):
-        host.step(step, optimizer)
+        info = host.step(step, optimizer)
         loss = _loss(model, mine)
         loss.backward()
+        paths.append({"path": list(info.path),
+                      "grads": [any(p.grad is not None for p in block.parameters()) for block in model.layers.values()]})
         optimizer.step()
         host.after_optimizer_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         total = loss.detach().clone()
-        if distributed:
+        if distributed and not tp:  # under TP every rank computed the same whole-batch loss
             dist.all_reduce(total)
-        losses.append(total.item() / world)
+            total /= world
+        losses.append(total.item())
         if save_at is not None and step + 1 == save_at and "--resume" not in args:
             dcp.save(state, checkpoint_id=str(out / "ckpt"))
     if rank == 0:
         name = "losses-resumed.json" if "--resume" in args else "losses.json"
         (out / name).write_text(json.dumps(losses))
+        (out / "paths.json").write_text(json.dumps(paths))
+        weight = next(iter(model.layers.values())).attention.qkv_linear.wqkv.weight  # what this rank holds of it
+        local = weight.to_local() if hasattr(weight, "to_local") else weight
+        (out / "layout.json").write_text(json.dumps({"wqkv": list(weight.shape), "wqkv_local": list(local.shape)}))
     if distributed:
         dist.destroy_process_group()
 

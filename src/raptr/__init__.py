@@ -3,7 +3,7 @@
 Own training loop::
 
     import raptr
-    rp = raptr.wrap(model, schedule="6-8-10-12", total_steps=10_000)   # or method="pld", "stacking", ...
+    rp = raptr.wrap(model, total_steps=10_000)   # 3-6-9-12 Prop-1 on 12 layers; or method="pld", "stacking", ...
     for step, batch in enumerate(loader):
         rp.step(step)                       # sample this step's path of layers
         model(**batch).loss.backward()

@@ -111,6 +111,7 @@ def _manifest_rows(manifest: dict) -> list[tuple[str, ...]]:
 def cmd_plan(args: argparse.Namespace) -> int:
     from raptr.core import Schedule
     from raptr.flops import LayerShape, ModelFlops, schedule_relative_flops
+    from raptr.methods.raptr import RaPTrOptions
 
     for flag, value, low in (("--layers", args.layers, 1), ("--steps", args.steps, 1), ("--seq-len", args.seq_len, 1),
                              ("--vocab", args.vocab, 1), ("--d-model", args.d_model, 0), ("--heads", args.heads, 0),
@@ -125,11 +126,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.d_model:
         model = ModelFlops(LayerShape(args.d_model, args.heads or max(1, args.d_model // 64), args.d_ff or 4 * args.d_model),
                            args.layers, args.seq_len, args.vocab, head_positions=args.head_positions)
-    common = dict(count_fixed=not args.no_count_fixed, fixed=args.fixed, stage_lengths=args.stages)
+    common = dict(count_fixed=not args.no_count_fixed, fixed=args.fixed)
     if args.target is not None:
         return _propose(args, model, common)
+    default = RaPTrOptions()
+    args.schedule = args.schedule or default.schedule
+    common["stage_lengths"] = args.stages or default.stage_lengths
     schedule = Schedule.parse(args.schedule, args.layers, args.steps, full_warmup=args.full_warmup, **common)
-    table = Table(title=f"RaPTr {args.schedule} on {args.layers} layers, fixed {list(schedule.fixed)}, {args.steps} steps")
+    table = Table(title=f"RaPTr {args.schedule} ({common['stage_lengths']} stages) on {args.layers} layers, "
+                        f"fixed {list(schedule.fixed)}, {args.steps} steps")
     for col in ("stage", "steps", "keep prob p", "expected path", "layer FLOPs vs full"):
         table.add_column(col, justify="right")
     for s in schedule.stages:
@@ -145,7 +150,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _propose(args: argparse.Namespace, model, common: dict) -> int:
-    """Enumerate growing schedules ending at the full model; keep those near the target ratio."""
+    """Enumerate growing schedules ending at the full model; keep those near the target ratio. Ranked by
+    distance to the target, then evenly spaced paths, then Prop-1 stage lengths before equal ones
+    (Prop-1 won on our suites: docs/results.md §6.5), then more stages (ours and the paper's have four). --stages limits the kinds."""
     from raptr.core import Schedule
     from raptr.flops import schedule_relative_flops
 
@@ -158,7 +165,7 @@ def _propose(args: argparse.Namespace, model, common: dict) -> int:
     for n_stages in range(2, 6):
         for firsts in itertools.combinations(sorted(lengths), n_stages - 1):
             spec = "-".join(str(x) for x in firsts + (L,))
-            for stages in ("equal", "prop:1"):
+            for stages in ((args.stages,) if args.stages else ("prop:1", "equal")):
                 try:
                     sched = Schedule.parse(spec, L, 1000, **{**common, "stage_lengths": stages})
                 except RaptrError:
@@ -168,7 +175,7 @@ def _propose(args: argparse.Namespace, model, common: dict) -> int:
                 if abs(key - target) <= args.tolerance:
                     steps = [b - a for a, b in zip(firsts + (L,), (firsts + (L,))[1:])]
                     uneven = max(steps) - min(steps) if steps else 0  # prefer evenly spaced paths
-                    found.append(((round(abs(key - target), 2), uneven, stages != "equal", n_stages), spec, stages, rel))
+                    found.append(((round(abs(key - target), 2), uneven, stages != "prop:1", -n_stages), spec, stages, rel))
     if not found:
         raise RaptrError(f"no schedule within {args.tolerance} of {target}: raise --tolerance")
     found.sort(key=lambda r: r[0])
@@ -349,11 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="keep probabilities and FLOPs of a schedule, or schedules for a FLOPs target")
     p.add_argument("--layers", type=int, required=True)
-    p.add_argument("--schedule", default=None, help="path lengths per stage, e.g. 6-8-10-12")
+    p.add_argument("--schedule", default=None, help="path lengths per stage, e.g. 6-8-10-12, or depth fractions f:0.25-0.5-0.75-1 "
+                                                   "(default: RaPTr's own, 3-6-9-12 of 12 layers)")
     p.add_argument("--target", type=float, default=None, help="propose schedules with this relative FLOPs")
     p.add_argument("--tolerance", type=float, default=0.02)
     p.add_argument("--top", type=int, default=12)
-    p.add_argument("--stages", default="equal", help="equal | prop:ALPHA | relative lengths")
+    p.add_argument("--stages", default=None, help="equal | prop:ALPHA | relative lengths (default: RaPTr's own, prop:1; "
+                                                    "--target ranks both, Prop-1 first)")
     p.add_argument("--fixed", default="first,last")
     p.add_argument("--no-count-fixed", action="store_true", help="fixed layers don't count towards the path length")
     p.add_argument("--full-warmup", type=float, default=0.0)
@@ -379,8 +388,6 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(stray)}")
         if extra:  # key=value overrides placed after an option: accepted anywhere on the line
             args.overrides = list(args.overrides) + extra
-        if args.command == "plan" and args.schedule is None and args.target is None:
-            parser.error("plan needs --schedule or --target")
         return args.func(args)
     except Preempted as e:  # stopped by a signal after writing a checkpoint
         print((str(e).splitlines() or [""])[0], file=sys.stderr)

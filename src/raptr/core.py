@@ -258,15 +258,22 @@ class Schedule:
         fixed: str | Sequence[int] | None = "first,last",
         **kwargs: Any,
     ) -> "Schedule":
-        """``"6-8-10-12"`` (expected path length per stage) or ``"p:0.4-0.6-0.8-1"`` (keep probs)."""
+        """``"6-8-10-12"`` (expected path length per stage), ``"f:0.25-0.5-0.75-1"`` (path length as a
+        fraction of the depth: 3-6-9-12 of 12 layers, 8-16-24-32 of 32) or ``"p:0.4-0.6-0.8-1"``
+        (keep probabilities of the non-fixed layers)."""
         if num_layers < 1:
             raise RaptrError(f"the model has {num_layers} layers: give a layer count >= 1")
         text = spec.strip().replace(" ", "")
         fixed_layers = parse_fixed(fixed, num_layers)
-        body = text[2:] if text.startswith("p:") or text.startswith("p=") else text
-        values = parse_numbers(body, spec, "write path lengths like '6-8-10-12' or keep probabilities like 'p:0.4-0.6-0.8-1'")
-        if body is not text:
+        prefix = text[:2] if text[:2] in ("p:", "p=", "f:", "f=") else ""
+        values = parse_numbers(text[len(prefix):], spec, "write path lengths like '6-8-10-12', fractions of the depth like "
+                               "'f:0.25-0.5-0.75-1' or keep probabilities like 'p:0.4-0.6-0.8-1'")
+        if prefix.startswith("p"):
             return cls(num_layers, total_steps, values, fixed=fixed_layers, **kwargs)
+        if prefix.startswith("f"):
+            if any(not 0 < v <= 1 for v in values):
+                raise RaptrError(f"depth fractions in {spec!r} must lie in (0, 1]: write e.g. 'f:0.25-0.5-0.75-1'")
+            values = [v * num_layers for v in values]
         for length in values:
             if length > num_layers:
                 raise RaptrError(f"path length {length:g} in {spec!r} exceeds the model's {num_layers} layers: use lengths <= {num_layers}")
@@ -274,8 +281,9 @@ class Schedule:
                 raise RaptrError(f"path length {length:g} in {spec!r} must be positive")
             if count_fixed and length <= len(fixed_layers) < num_layers:
                 raise RaptrError(
-                    f"path length {length:g} in {spec!r} is not more than the {len(fixed_layers)} fixed layers {list(fixed_layers)}: "
-                    "use longer paths or fewer fixed layers (fixed='none')"
+                    f"path length {length:g} in {spec!r} (of {num_layers} layers) is not more than the {len(fixed_layers)} fixed "
+                    f"layers {list(fixed_layers)}: use longer paths or fewer fixed layers (fixed='none'); "
+                    f"`raptr plan --layers {num_layers} --target 0.75` proposes schedules"
                 )
         if count_fixed and len(fixed_layers) == num_layers and any(v < num_layers for v in values):
             raise RaptrError("every layer is fixed, so no path can be shorter than the model: fix fewer layers")

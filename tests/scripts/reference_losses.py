@@ -42,6 +42,10 @@ CASES = {
     "width": ["method.name=width", "method.width.schedule=0.5-0.75-1", "model.n_heads=4"],
     "depthwidth": ["method.name=depthwidth", "method.depthwidth.schedule=3-4-6",
                    "method.depthwidth.width_schedule=0.5-0.75-1", "method.depthwidth.scaling=sqrt", "model.n_heads=4"],
+    # added when 3-6-9-12 with Prop-1 stage lengths became RaPTr's default (the cases above run on the
+    # preset bert-tiny-raptr-paper, which is what bert-tiny-raptr was when they were recorded)
+    "raptr-default": ["method.name=raptr", "model.n_layers=12", "method.raptr.schedule=f:0.25-0.5-0.75-1",
+                      "method.raptr.stage_lengths=prop:1"],
 }
 
 
@@ -61,7 +65,7 @@ def run_case(name: str, cache_dir: str, out_root: str) -> list[float]:
     from raptr.training.build import build_trainer
     from raptr.training.config import load_config
 
-    cfg = load_config("bert-tiny-raptr", COMMON + CASES[name] + [f"data.cache_dir={cache_dir}", f"train.out_dir={out_root}/{name}"])
+    cfg = load_config("bert-tiny-raptr-paper", COMMON + CASES[name] + [f"data.cache_dir={cache_dir}", f"train.out_dir={out_root}/{name}"])
     build_trainer(cfg, progress=False).fit()
     rows = [json.loads(line) for line in (Path(out_root) / name / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["kind"] == "train"]

@@ -1,7 +1,7 @@
 """Any raptr method in an existing Hugging Face ``Trainer`` script, by adding one callback.
 
     from raptr.integrations import MethodCallback, RaptrTrainer
-    trainer = RaptrTrainer(model, args, train_dataset=ds, callbacks=[MethodCallback("raptr", schedule="6-8-10-12")])
+    trainer = RaptrTrainer(model, args, train_dataset=ds, callbacks=[MethodCallback("raptr")])
 
 ``MethodCallback(method, seed=0, flops="hf", seq_len=None, **options)`` hosts any registered method
 (``raptr``, ``pld``, ``layerdrop``, ``stacking``, a user's own) through ``raptr.Host``, the host every
@@ -213,21 +213,25 @@ class MethodCallback(Hosted, TrainerCallback, ExportableState):
 
 
 class RaPTrCallback(MethodCallback):
-    """RaPTr for ``transformers.Trainer``: ``callbacks=[RaPTrCallback("6-8-10-12")]``.
+    """RaPTr for ``transformers.Trainer``: ``callbacks=[RaPTrCallback()]`` (or ``RaPTrCallback("6-8-10-12",
+    stage_lengths="equal")`` for the paper's schedule).
 
     Args:
-        schedule: expected path length per stage (``"6-8-10-12"`` for a 12-layer model) or keep
-            probabilities (``"p:0.5-0.67-0.83-1"``); stages split ``state.max_steps``.
+        schedule: expected path length per stage (``"6-8-10-12"`` for a 12-layer model), fractions of
+            the depth (the default, ``"f:0.25-0.5-0.75-1"`` with Prop-1 stage lengths: 3-6-9-12 of 12
+            layers) or keep probabilities (``"p:0.5-0.67-0.83-1"``); stages split ``state.max_steps``.
         seed, flops: as ``MethodCallback``.
         **options: the other fields of ``raptr.RaPTrOptions``: ``stage_lengths``, ``fixed``,
             ``count_fixed``, ``sampling``, ``scaling``, ``full_warmup``, ``require_full_final``.
     """
 
-    def __init__(self, schedule: str = "6-8-10-12", seed: int = 0, flops: str = "hf", seq_len: int | None = None,
+    def __init__(self, schedule: str | None = None, seed: int = 0, flops: str = "hf", seq_len: int | None = None,
                  **options: Any):
         if "method" in options:
             raise RaptrError("RaPTrCallback always hosts RaPTr: use MethodCallback(method=...) for another method")
-        super().__init__("raptr", seed, flops, seq_len, schedule=schedule, **options)
+        if schedule is not None:
+            options["schedule"] = schedule
+        super().__init__("raptr", seed, flops, seq_len, **options)
 
     @property
     def raptr(self):

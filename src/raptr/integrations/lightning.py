@@ -1,7 +1,7 @@
 """Any raptr method in a Lightning training script, by adding one callback (``pip install raptr[lightning]``).
 
     from raptr.integrations.lightning import MethodCallback
-    trainer = lightning.Trainer(max_steps=10_000, callbacks=[MethodCallback("raptr", schedule="6-8-10-12")])
+    trainer = lightning.Trainer(max_steps=10_000, callbacks=[MethodCallback("raptr")])
 
 ``MethodCallback(method, seed=0, flops="hf", seq_len=None, **options)`` hosts any registered method
 through ``raptr.Host`` (the host every loop shares); ``options`` are the fields of the method's

@@ -3,7 +3,7 @@
 Our trainer, the Hugging Face and Lightning callbacks, the experiments and a user's own loop all
 drive a method through a ``Host``::
 
-    host = raptr.wrap(model, "raptr", total_steps=10_000, schedule="6-8-10-12")  # any method by name
+    host = raptr.wrap(model, total_steps=10_000)  # RaPTr, default schedule; any method by name: method="pld", ...
     for step, batch in enumerate(loader):
         info = host.step(step, optimizer)        # this optimizer step's subnetwork; lr × lr_factor
         model(**batch).loss.backward()
@@ -218,7 +218,7 @@ def wrap(model: nn.Module, schedule: str | None = None, total_steps: int = 10_00
     """Put a method (RaPTr by default) on a model in place and return its ``Host``; call
     ``.step(step)`` (or ``.step(step, optimizer)`` for methods with an lr factor) before each
     optimizer step's forward. ``schedule`` and ``options`` are fields of the method's ``Options``
-    (RaPTr: ``RaPTrOptions``, default schedule 6-8-10-12). Under torch.distributed, every
+    (RaPTr: ``RaPTrOptions``; default 3-6-9-12 of 12 layers, i.e. "f:0.25-0.5-0.75-1", with Prop-1 stage lengths). Under torch.distributed, every
     ``check_every`` steps (and at the first) one all-reduce checks that every rank drew the same
     subnetwork (0 = never). ``model.eval()`` always runs the full model."""
     if schedule is not None:
