@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 # torchtitan for tests/test_torchtitan.py, at the versions tested, without its declared extras
 # (wandb, an older datasets) so the environment stays the one the rest of the suite runs on.
 TORCHTITAN := torchtitan==0.3.0 triton==3.9.0 spmd_types==0.2.3 torchdata==0.11.0 tyro==1.0.17 \
-	docstring_parser==0.18.0 einops==0.8.2 torch_checkpointing==0.1.1
-TT_STAMP := $(VENV)/.torchtitan-stamp
+	docstring_parser==0.18.0 einops==0.8.2 torch_checkpointing==0.1.1 typeguard==4.6.1
+# (the stamp is renamed when the list changes, so installed venvs catch up)
+TT_STAMP := $(VENV)/.torchtitan-stamp-2
 
 install-torchtitan: $(TT_STAMP)
 

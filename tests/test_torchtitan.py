@@ -162,3 +162,114 @@ def test_tensor_parallel_two_ranks_match_one_process_and_skip_blocks_alike(tmp_p
     assert paths == json.loads((one / "paths.json").read_text())
     assert any(not all(p["path"]) for p in paths)  # some steps skip blocks
     assert all(p["grads"] == p["path"] for p in paths)
+
+
+# ------------------------------------------------------------------------------------------------
+# torchtitan's own Trainer with raptr's config section (raptr.integrations.torchtitan)
+# ------------------------------------------------------------------------------------------------
+TT_FLAGS = ["--raptr.schedule", "3-4-6", "--raptr.stage_lengths", "equal", "--raptr.check_every", "1",
+            "--metrics.log_freq", "1", "--checkpoint.enable", "--checkpoint.interval", "3", "--debug.seed", "0"]
+
+
+def _trainer(out, steps, *flags, nproc=1, check=True):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "torchtitan_trainer.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+                           str(script), str(out), str(steps), *TT_FLAGS, *map(str, flags)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _planned(steps, seed=0):
+    model = debug_model("sdpa").train()
+    host = raptr.wrap(model, schedule="3-4-6", stage_lengths="equal", total_steps=steps, seed=seed)
+    return [list(host.step(s).path) for s in range(steps)]
+
+
+@pytest.mark.dist
+def test_torchtitan_trainer_skips_blocks_counts_their_flops_and_resumes_from_its_checkpoint(tmp_path):
+    """`--module raptr.integrations.torchtitan --config raptr_llama3_debugmodel`: torchtitan's own loop, data,
+    metrics and DCP checkpointer. The planned path runs (and only its blocks get gradients); the FLOPs per
+    token torchtitan's metrics use count only the blocks that ran; a resume from the step-3 checkpoint
+    (taken before some blocks had ever trained: their AdamW state exists all the same) continues the
+    same paths and losses bitwise; a checkpoint of another seed is refused."""
+    import json
+    import shutil
+
+    _trainer(tmp_path, 6)
+    record = json.loads((tmp_path / "record.json").read_text())
+    steps = [record["steps"][str(s)] for s in range(1, 7)]  # torchtitan counts from 1
+    plan = _planned(6)
+    assert [r["path"] for r in steps] == plan and any(not all(p) for p in plan)
+    for r in steps:
+        assert sorted(set(r["ran"])) == [i for i, run in enumerate(r["path"]) if run]  # forward (and AC recompute)
+        assert r["grads"] == r["path"]
+    full = record["full_flops_per_token"]
+    per_block = {(full - r["flops_per_token"]) / (6 - sum(r["path"])) for r in steps if not all(r["path"])}
+    assert len(per_block) == 1 and 0 < per_block.pop() < full / 6  # each skipped block: one block's share
+    assert all(r["flops_per_token"] == full for r in steps if all(r["path"]))
+    assert not all(any(p[i] for p in plan[:3]) for i in range(6))  # some block had never trained by the step-3 checkpoint
+    shutil.rmtree(tmp_path / "dump" / "checkpoint" / "step-6")
+    _trainer(tmp_path, 6)  # loads step 3
+    resumed = json.loads((tmp_path / "record-resumed.json").read_text())["steps"]
+    assert sorted(resumed, key=int) == ["4", "5", "6"]
+    for s in ("4", "5", "6"):
+        assert resumed[s]["loss"] == record["steps"][s]["loss"] and resumed[s]["path"] == record["steps"][s]["path"]
+    shutil.rmtree(tmp_path / "dump" / "checkpoint" / "step-6")
+    other = _trainer(tmp_path, 6, "--raptr.seed", "1", check=False)
+    assert other.returncode != 0 and "written by another method configuration (seed: 0 -> 1)" in other.stderr
+
+
+def test_torchtitan_config_section_parses_and_refuses_what_it_cannot_do():
+    from torchtitan.config import ConfigManager
+    from torchtitan.models.llama3.config_registry import llama3_debugmodel
+
+    from raptr.errors import RaptrError
+    from raptr.integrations.torchtitan import RaptrConfig, RaptrTrainer, to_raptr
+
+    config = ConfigManager().parse_args(["--module", "raptr.integrations.torchtitan", "--config", "raptr_llama3_debugmodel",
+                                         "--raptr.method", "pld", "--raptr.options", "theta=0.5,gamma=0.01"])
+    assert isinstance(config, RaptrTrainer.Config) and config.raptr.method == "pld"
+    host = config.raptr.host()
+    assert host.name == "pld" and (host.method.options.theta, host.method.options.gamma) == (0.5, 0.01)
+    assert RaptrConfig(options=["fixed=0", "3", "11", "sampling=uniform"]).host().method.options.fixed == "0,3,11"
+    with pytest.raises(RaptrError, match="'sampling' is 'random'"):
+        RaptrConfig(options=["sampling=random"]).host()
+    with pytest.raises(RaptrError, match="write key=value"):
+        RaptrConfig(options=["fixed"]).host()
+    with pytest.raises(RaptrError, match="stacking changes the model"):
+        RaptrConfig(method="stacking").host()
+    piped = to_raptr(llama3_debugmodel())
+    piped.parallelism.pipeline_parallel_degree = 2
+    with pytest.raises(RaptrError, match="pipeline parallel is not supported"):
+        RaptrTrainer(piped)
+
+
+def test_init_optimizer_state_leaves_training_unchanged():
+    """Every parameter gets its AdamW state up front; training with skipped layers is then bitwise what
+    it is with state created lazily at each parameter's first update."""
+    losses = []
+    for eager in (False, True):
+        model = debug_model("sdpa").train()
+        host = raptr.wrap(model, schedule="3-4-6", stage_lengths="equal", total_steps=6, seed=2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        if eager:
+            raptr.init_optimizer_state(opt)
+            assert len(opt.state) == len(list(model.parameters()))
+        ids, trace = _ids(model), []
+        for step in range(6):
+            host.step(step)
+            loss = _loss(model, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            trace.append(loss.item())
+        losses.append((trace, [p.detach().clone() for p in model.parameters()]))
+    assert losses[0][0] == losses[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(losses[0][1], losses[1][1]))

@@ -3,13 +3,13 @@
     python tests/torchtitan_fsdp.py OUT STEPS [--tp] [--save-at K] [--resume] [--seed S] [--seed-per-rank]
 
 torchtitan's Llama-3 debug model (CPU attention: its ScaledDotProductAttention), RaPTr through
-``raptr.wrap`` with the path drawn once per optimizer step before the forward, SGD. Under torchrun:
+``raptr.wrap`` with the path drawn once per optimizer step before the forward, AdamW. Under torchrun:
 FSDP2 ``fully_shard`` per block and at the root as torchtitan's parallelize does, each rank on its
 share of the batch; or with ``--tp`` tensor parallel inside every block (the fused QKV and FFN
 up-projections column-wise, ``wo`` and ``w2`` row-wise: each rank holds half the heads and FFN units),
 every rank on the whole batch. Rank 0 writes the global-batch loss of every step to
 OUT/losses.json and the layers run / the layers with gradients per step to OUT/paths.json;
-``--save-at K`` writes a DCP checkpoint (the model and the raptr host, a ``Stateful``) after step K;
+``--save-at K`` writes a DCP checkpoint (the model, AdamW's state and the raptr host, a ``Stateful``) after step K;
 ``--resume`` loads it first.
 """
 
@@ -28,17 +28,19 @@ from test_torchtitan import _ids, _loss, debug_model  # noqa: E402
 
 
 class Training:
-    """The checkpointed state: the model (sharded DTensors under FSDP2) and the raptr host. The
-    optimizer is stateless SGD, so these two are all a resume needs."""
+    """The checkpointed state: the model and AdamW's state (sharded DTensors under FSDP2) and the raptr
+    host. DCP loads into a template, so the optimizer's state must exist before loading: see
+    ``raptr.init_optimizer_state`` below."""
 
-    def __init__(self, model, host):
-        self.model, self.host = model, host
+    def __init__(self, model, optimizer, host):
+        self.model, self.optimizer, self.host = model, optimizer, host
 
     def state_dict(self):
-        return {"model": self.model.state_dict(), "raptr": self.host.state_dict()}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "raptr": self.host.state_dict()}
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
         self.host.load_state_dict(state["raptr"])
 
 
@@ -72,8 +74,11 @@ def main() -> None:
         for block in model.layers.values():  # torchtitan's order: each block, then the root
             fully_shard(block)
         fully_shard(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    state = {"training": Training(model, host)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # A checkpoint taken before a skipped block first trained would lack its AdamW state, which a fresh
+    # optimizer's load template has: create every parameter's state now (training is unchanged).
+    raptr.init_optimizer_state(optimizer)
+    state = {"training": Training(model, optimizer, host)}
     start = 0
     if "--resume" in args:
         dcp.load(state, checkpoint_id=str(out / "ckpt"))

@@ -22,7 +22,7 @@ _EXPORTS = {
     "raptr.core": ("GatedLayers", "PathSampler", "RaPTr", "Schedule", "StepPlan"),
     "raptr.errors": ("RaptrError",),
     "raptr.flops": ("LayerShape", "ModelFlops", "schedule_relative_flops"),
-    "raptr.methods": ("Host", "RaPTrMethod", "RaPTrOptions", "wrap"),
+    "raptr.methods": ("Host", "RaPTrMethod", "RaPTrOptions", "init_optimizer_state", "wrap"),
     "raptr.models.registry": ("find_layer_stack", "register_layer_stack"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from raptr.errors import RaptrError
@@ -210,6 +211,38 @@ class Host:
     def __repr__(self) -> str:
         where = "detached" if self.context is None else f"{len(self.context.layers)} layers, {self.context.total_steps} steps"
         return f"Host({self.name}, seed={self.seed}, {where})"
+
+
+def init_optimizer_state(optimizer: Any) -> None:
+    """Give every parameter the optimizer state its first update would create, now, for checkpoints
+    that save each parameter's state (torch.distributed.checkpoint, torchtitan).
+
+    Optimizers create a parameter's state at its first update, so a checkpoint written before a
+    skipped layer first trained has no state for it, while a fresh optimizer's load template (DCP's
+    ``get_optimizer_state_dict``) has state for every parameter: the resume then fails with "Missing
+    key in checkpoint state_dict". This runs one step with zero gradients and learning rate 0 (no
+    parameter moves) and sets ``step`` back to 0: for Adam, AdamW and SGD the state is then exactly
+    what the first real update would have created (SGD: without dampening), so training is unchanged. Call it after building
+    the optimizer and before loading a checkpoint; an optimizer that already has state is left alone."""
+    for opt in getattr(optimizer, "optimizers", None) or [optimizer]:  # torchtitan's container holds several
+        if opt.state:
+            continue
+        params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+        if any(p.grad is not None for p in params):
+            raise RaptrError("init_optimizer_state: call it before training (parameters already have gradients)")
+        lrs = [group["lr"] for group in opt.param_groups]
+        for group in opt.param_groups:
+            group["lr"] = 0.0 if not torch.is_tensor(group["lr"]) else torch.zeros_like(group["lr"])
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr
+        for p in params:
+            p.grad = None
+        for state in opt.state.values():
+            if "step" in state:
+                state["step"] = state["step"].zero_() if torch.is_tensor(state["step"]) else 0
 
 
 def wrap(model: nn.Module, schedule: str | None = None, total_steps: int = 10_000, seed: int = 0, *,
