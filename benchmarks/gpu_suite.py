@@ -47,7 +47,7 @@ except ImportError as e:  # one clear line, not a traceback
 
 METHODS = {  # whole-schedule wall-clock arms (12 layers; the dry run scales them to 6)
     "standard": ["method.name=standard"],
-    "raptr 6-8-10-12": ["method.name=raptr", "method.raptr.schedule=6-8-10-12"],
+    "raptr 6-8-10-12": ["method.name=raptr", "method.raptr.schedule=6-8-10-12", "method.raptr.stage_lengths=equal"],
     "stacking 6-9-12": ["method.name=stacking", "method.stacking.schedule=6-9-12"],
     "pld (θ̄ 0.4)": ["method.name=pld", "method.pld.theta=0.4", "method.pld.gamma=0.011061"],
     "layerdrop 0.75": ["method.name=layerdrop", "method.layerdrop.keep_prob=0.75", "method.layerdrop.fixed=none"],
@@ -205,7 +205,7 @@ class Suite:
             losses = {}
             for name, cut in (("straight", None), ("resumed", 4)):
                 over = self.scaled(self.overrides(size, "causal") + [
-                    "method.name=raptr", "method.raptr.schedule=6-8-10-12", f"train.steps={steps}", "train.eval_every=4",
+                    "method.name=raptr", "method.raptr.schedule=6-8-10-12", "method.raptr.stage_lengths=equal", f"train.steps={steps}", "train.eval_every=4",
                     "train.eval_batches=1", "train.checkpoint_every=4", "optim.warmup_steps=2", f"train.out_dir={tmp}/{name}"])
                 for part in ([cut, None] if cut else [None]):
                     cfg = load_config(None, over)
@@ -336,7 +336,7 @@ class Suite:
         del compiled_plain, plain, opt_plain
 
         model, _ = build()
-        rp = raptr.wrap(model, schedule=self.scaled(["6-8-10-12"])[0], total_steps=steps, seed=0)
+        rp = raptr.wrap(model, schedule=self.scaled(["6-8-10-12"])[0], stage_lengths="equal", total_steps=steps, seed=0)
         compiled = torch.compile(model, backend=self.args.compile_backend)
         opt = make_optimizer(model, cfg.optim)
         paths, first = set(), None
@@ -509,7 +509,7 @@ class Suite:
         size = "decoder (GPT-2-small-like)"
         steps = self.args.steps
         cfg = load_config(None, self.scaled(self.overrides(size, "causal") + [
-            "method.name=raptr", "method.raptr.schedule=6-8-10-12", f"train.steps={steps}"]))
+            "method.name=raptr", "method.raptr.schedule=6-8-10-12", "method.raptr.stage_lengths=equal", f"train.steps={steps}"]))
         torch._dynamo.reset()
         counters.clear()
         torch.manual_seed(0)

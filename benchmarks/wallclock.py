@@ -24,7 +24,8 @@ from raptr.training.trainer import make_optimizer
 
 METHODS = {
     "standard": ["method.name=standard"],
-    "raptr 6-8-10-12": ["method.name=raptr", "method.raptr.schedule=6-8-10-12"],
+    "raptr 6-8-10-12": ["method.name=raptr", "method.raptr.schedule=6-8-10-12", "method.raptr.stage_lengths=equal"],
+    "raptr 3-6-9-12 prop:1 (default)": ["method.name=raptr"],
     "stacking 6-9-12": ["method.name=stacking", "method.stacking.schedule=6-9-12"],
     "pld (theta 0.5)": ["method.name=pld", "method.pld.theta=0.5", "method.pld.gamma=0.01"],
     "layerdrop 0.75": ["method.name=layerdrop", "method.layerdrop.keep_prob=0.75"],
