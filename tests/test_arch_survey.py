@@ -226,10 +226,10 @@ def test_wrapping_twice_is_refused():
 
 
 WIDTH_FAMILIES = ["bert", "roberta", "xlm-roberta", "electra", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
-                  "gemma3", "phi3", "gpt2", "opt", "gpt_neox"]
+                  "gemma3", "phi3", "gpt2", "opt", "gpt_neox", "olmo2"]
 
 
-@pytest.mark.parametrize("name", ["olmo2", "falcon"])
+@pytest.mark.parametrize("name", ["falcon"])
 def test_width_refuses_families_whose_heads_cannot_be_sliced(name):
     from raptr.width import WidthRaPTr
 
@@ -263,7 +263,9 @@ def test_width_subnetworks_on_each_supported_family(name):
     handle.remove()
     kv = plan.num_kv_heads[0] if first.fused_heads else 0  # a fused q|k|v projection also yields the kept k, v
     assert widths == [(plan.num_heads[0] + 2 * kv) * first.head_dim] and torch.isfinite(loss)
-    # The sliced forward is the full model with the dropped heads' and units' consumer columns zeroed.
+    # The sliced forward is the full model with the dropped heads' and units' consumer columns zeroed
+    # (not where a norm spans all heads, OLMo2's q/k norms: tests/test_width.py checks it against a
+    # hand-built layer with only the kept heads).
     zeroed = copy.deepcopy(plain)
     names = {m: n for n, m in model.named_modules()}
     with torch.no_grad():
@@ -273,7 +275,8 @@ def test_width_subnetworks_on_each_supported_family(name):
                 drop = torch.ones(param.shape[dim], dtype=torch.bool)
                 drop[lin._width_idx] = False
                 zeroed.get_submodule(names[lin]).weight.index_fill_(dim, drop.nonzero().squeeze(1), 0.0)
-    torch.testing.assert_close(loss, zeroed(**inputs).loss, rtol=1e-5, atol=1e-6)
+    if not first.norms:
+        torch.testing.assert_close(loss, zeroed(**inputs).loss, rtol=1e-5, atol=1e-6)
     loss.backward()
     for lin in (first.head_out[0], first.unit_out[0]):  # idle rows: exactly zero gradient
         (param, dim), *_ = lin.width_params()

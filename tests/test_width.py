@@ -265,6 +265,56 @@ def test_gqa_layer_equals_a_hand_built_smaller_layer(kind):
     check_grads(pairs)
 
 
+def test_olmo2_layer_with_head_norms_equals_a_hand_built_smaller_layer():
+    """OLMo2 normalises q and k over all heads at once (RMSNorm over the whole projection): the sliced
+    layer equals an OLMo2 layer that has only the kept heads (its q/k norms the kept slice of the weight,
+    their statistic over the kept heads), in output and in every gradient, with GQA and 1/p scaling."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2DecoderLayer, Olmo2RotaryEmbedding
+
+    def cfg(**kw):
+        return tf.Olmo2Config(**{**dict(hidden_size=D, num_attention_heads=H, num_key_value_heads=2, head_dim=HD, intermediate_size=FF,
+                                         num_hidden_layers=1, vocab_size=50, attn_implementation="eager"), **kw})
+
+    torch.manual_seed(3)
+    layer = Olmo2DecoderLayer(cfg(), layer_idx=0)
+    for p in layer.parameters():  # non-trivial norms
+        nn.init.normal_(p, std=0.3)
+    rope = Olmo2RotaryEmbedding(cfg())(torch.zeros(B, T, D), torch.arange(T)[None].expand(B, T))
+    wr = WidthRaPTr(nn.ModuleList([layer]), "0.5-1", total_steps=2, seed=1, scaling="linear")
+    plan = wr.step(0)
+    groups, heads, units = plan.kv_heads[0], plan.heads[0], plan.units[0]
+    sh, su = plan.head_scales[0], plan.unit_scales[0]
+    small = Olmo2DecoderLayer(cfg(num_attention_heads=2, num_key_value_heads=1, intermediate_size=len(units)), 0)
+    a, sa = layer.self_attn, small.self_attn
+    q, kv = rows(heads, HD), rows(groups, HD)
+    with torch.no_grad():
+        for name, idx in (("q_proj", q), ("k_proj", kv), ("v_proj", kv), ("q_norm", q), ("k_norm", kv)):
+            getattr(sa, name).weight.copy_(getattr(a, name).weight[idx])
+        sa.o_proj.weight.copy_(a.o_proj.weight[:, q] * sh)
+        for name in ("gate_proj", "up_proj"):
+            getattr(small.mlp, name).weight.copy_(getattr(layer.mlp, name).weight[units])
+        small.mlp.down_proj.weight.copy_(layer.mlp.down_proj.weight[:, units] * su)
+        small.post_attention_layernorm.weight.copy_(layer.post_attention_layernorm.weight)
+        small.post_feedforward_layernorm.weight.copy_(layer.post_feedforward_layernorm.weight)
+    x, g = torch.randn(B, T, D), torch.randn(B, T, D)
+    out, ref = call("olmo2", layer, x, rope), call("olmo2", small, x, rope)
+    torch.testing.assert_close(out, ref)
+    unsliced = Olmo2DecoderLayer(cfg(), 0)  # the same layer with o_proj/down_proj columns zeroed is NOT it:
+    unsliced.load_state_dict({k.replace("._orig", ""): v for k, v in layer.state_dict().items()})
+    with torch.no_grad():
+        drop = torch.ones(H * HD, dtype=torch.bool)
+        drop[q] = False
+        unsliced.self_attn.o_proj.weight[:, drop] = 0.0
+    assert not torch.allclose(call("olmo2", unsliced, x, rope), out)  # the norms' statistic spans kept heads only
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    check_grads([(a.q_proj.weight, sa.q_proj.weight, 0, q, 1.0), (a.k_proj.weight, sa.k_proj.weight, 0, kv, 1.0),
+                 (a.q_norm.weight, sa.q_norm.weight, 0, q, 1.0), (a.k_norm.weight, sa.k_norm.weight, 0, kv, 1.0),
+                 (a.o_proj.weight, sa.o_proj.weight, 1, q, sh), (layer.mlp.down_proj.weight, small.mlp.down_proj.weight, 1, units, su)])
+    wr.unwrap()
+    assert type(a.q_norm).__name__ == "Olmo2RMSNorm" and "_width_idx" not in vars(a.q_norm)
+
+
 def test_sdpa_attention_with_gqa_matches_eager_on_the_same_subnetwork():
     layer, cfg, rope, _ = llama_layer("llama")
     other = copy.deepcopy(layer)

@@ -150,6 +150,28 @@ class WidthLinear:
         return out
 
 
+class WidthNorm:
+    """Mixin put in front of a norm over all heads' outputs at once (OLMo2's q/k RMSNorm): with
+    ``_width_idx`` set, in training, the module's own forward runs on the kept heads' outputs with the
+    kept slice of its weight, so its statistic spans the kept heads, as in a model with only those."""
+
+    _width_idx: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self._width_idx
+        if idx is None or not self.training:
+            return super().forward(x)
+        weight = self.weight.index_select(0, idx)
+        self._width_idx = None  # functional_call runs this forward again, now as the plain norm
+        try:
+            return torch.func.functional_call(self, {"weight": weight}, (x,))
+        finally:
+            self._width_idx = idx
+
+    def width_params(self) -> list[tuple[nn.Parameter, int]]:
+        return [(self.weight, 0)]
+
+
 def _features(lin: nn.Module) -> tuple[int, int]:
     """(in, out) features of an nn.Linear or a transformers Conv1D (weight stored (in, out))."""
     if isinstance(lin, nn.Linear):
@@ -231,7 +253,7 @@ class WidthLayer:
             self.head_out, self.head_in = [layer.qkv], layer.proj
             self.unit_out, self.unit_in = [layer.fc1], layer.fc2
             self.gated, self.fused_heads, self.fused_units = False, True, False
-            self.interleaved = False
+            self.interleaved, self.norms = False, []
         else:  # per-architecture knowledge is data: raptr.models.registry.WIDTH_LAYERS
             from raptr.models.registry import width_spec
 
@@ -248,6 +270,7 @@ class WidthLayer:
             self.unit_out, self.unit_in = [get(p) for p in spec.unit_out], get(spec.unit_in)
             self.fused_heads, self.fused_units = len(self.head_out) == 1, spec.fused_units
             self.interleaved = spec.interleaved
+            self.norms = [(get(path), rows) for path, rows in spec.norms]
         # Everything is checked before anything is changed: a refused layer is left as it was.
         for lin in self.linears():
             if not _plain(lin, conv1d):
@@ -276,6 +299,14 @@ class WidthLayer:
                              f"{self.n_kv}) x head_dim {self.head_dim}: its config and weights disagree")
         if self.fused_units and _features(self.unit_out[0])[1] != 2 * self.d_ff:
             raise RaptrError(f"{name}: the fused gate|up projection does not have 2 x {self.d_ff} outputs")
+        if self.norms and self.fused_heads:
+            raise RaptrError(f"{name}: norms over the heads are sliced with separate q and k projections only")
+        for norm, which in self.norms:
+            width = (self.n_heads if which == "q" else self.n_kv) * self.head_dim
+            weight = getattr(norm, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.shape != (width,) or getattr(norm, "bias", None) is not None:
+                raise RaptrError(f"{name}.{type(norm).__name__}: width subnetworks slice norms with one weight of the "
+                                 f"projection's width ({width}) and no bias")
         self._kept = {"heads": self.n_heads, "kv_heads": self.n_kv, "q_width": self.n_heads * self.head_dim}
         try:
             for path, what in (spec.follow if spec is not None else ()):
@@ -284,6 +315,9 @@ class WidthLayer:
                 self._swap(lin, WidthLinear)._set(lin, dim=0, transposed=conv1d)
             for lin in (self.head_in, self.unit_in):
                 self._swap(lin, WidthLinear)._set(lin, dim=1, transposed=conv1d)
+            for norm, _ in self.norms:
+                self._swap(norm, WidthNorm)
+                norm._width_idx = None
             if self.kind == "reference":
                 self._swap(layer, WidthBlock)
         except BaseException:
@@ -345,11 +379,17 @@ class WidthLayer:
     def linears(self) -> list[nn.Module]:
         return self.head_out + [self.head_in] + self.unit_out + [self.unit_in]
 
+    def sliced(self) -> list[nn.Module]:
+        """Every module computing with a slice: the linears and the norms over all heads."""
+        return self.linears() + [norm for norm, _ in self.norms]
+
     def set_heads(self, groups: torch.Tensor | None, scale: float = 1.0) -> None:
         """Keep KV groups ``groups`` (sorted; = heads without GQA), or all heads if ``None``."""
         if groups is None:
             for lin in self.head_out + [self.head_in]:
                 lin._width_idx, lin._width_scale = None, 1.0
+            for norm, _ in self.norms:
+                norm._width_idx = None
             return
         hd, device = self.head_dim, self.head_in.weight.device
         q_rows = _expand(_expand(groups, self.n_rep), hd)  # query heads of the kept groups, then their rows
@@ -366,6 +406,8 @@ class WidthLayer:
         for lin, idx in zip(self.head_out, pieces[:-1]):
             lin._width_idx = idx
         self.head_in._width_idx, self.head_in._width_scale = pieces[-1], float(scale)
+        for norm, which in self.norms:  # separate q and k projections (checked): their own row indices
+            norm._width_idx = (q_rows if which == "q" else kv_rows).to(device)
 
     def set_units(self, units: torch.Tensor | None, scale: float = 1.0) -> None:
         """Keep FFN hidden units ``units`` (sorted), or all if ``None``."""
@@ -601,7 +643,7 @@ class WidthRaPTr:
     def _idle(self) -> Iterator[tuple[nn.Parameter, int, torch.Tensor]]:
         """(parameter, dim, idle indices) of every slice this step does not train."""
         for wl in self.layers:
-            for lin in wl.linears():
+            for lin in wl.sliced():
                 idx = lin._width_idx
                 if idx is None or not lin.training:
                     continue

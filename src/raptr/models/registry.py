@@ -119,6 +119,7 @@ class WidthSpec:
     follow: tuple[tuple[str, str], ...] = ()
     conv1d: bool = False
     interleaved: bool = False  # fused rows per head, [q_h | k_h | v_h] for h = 0..n-1 (GPT-NeoX), not [q | k | v]
+    norms: tuple[tuple[str, str], ...] = ()  # norms over all heads' outputs at once (path, "q" or "kv"): sliced too
 
 
 _BERT_WIDTH = WidthSpec(("attention.self.query", "attention.self.key", "attention.self.value"), "attention.output.dense",
@@ -146,6 +147,10 @@ _OPT_WIDTH = WidthSpec(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_pro
 _NEOX_WIDTH = WidthSpec(("attention.query_key_value",), "attention.dense", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
                         "attention.head_size", n_heads="attention.config.num_attention_heads", interleaved=True)
 
+# OLMo2: Llama's layout, with RMSNorms over the whole q and k projections (all heads at once): they get the
+# kept heads' slice of their weight, so their statistic runs over the kept heads, as in a model with only those.
+_OLMO2_WIDTH = dataclasses.replace(_LLAMA_WIDTH, norms=(("self_attn.q_norm", "q"), ("self_attn.k_norm", "kv")))
+
 # Width subnetworks, per layer class (by name, so no transformers import is needed here).
 WIDTH_LAYERS: dict[str, WidthSpec] = {
     **{name: _BERT_WIDTH for name in ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLayer")},
@@ -155,7 +160,7 @@ WIDTH_LAYERS: dict[str, WidthSpec] = {
                                         "GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer")},
     "Phi3DecoderLayer": _PHI3_WIDTH,
     "GPT2Block": _GPT2_WIDTH,
-    # Not OLMo2: its q/k norms span the whole projection width, so heads cannot be sliced out of them.
+    "Olmo2DecoderLayer": _OLMO2_WIDTH,
     # Not Falcon: its default multi-query attention has one KV head, so a KV group (the unit of head
     # sampling) is the whole attention; its FFN alone could be sliced, which width does not offer.
 }
