@@ -566,9 +566,15 @@ def test_freeze_idle_on_transposed_conv1d_weights():
 
 
 def test_unsupported_layers_and_options_are_one_clear_line():
-    falcon = tf.FalconForCausalLM(tf.FalconConfig(hidden_size=D, num_hidden_layers=1, num_attention_heads=H, vocab_size=50))
-    with pytest.raises(RaptrError, match="don't support FalconDecoderLayer layers: supported are raptr's reference Block and BertLayer"):
+    bloom = tf.BloomForCausalLM(tf.BloomConfig(hidden_size=D, n_layer=1, n_head=H, vocab_size=50))
+    with pytest.raises(RaptrError, match="don't support BloomBlock layers: supported are raptr's reference Block and BertLayer"):
+        WidthRaPTr(bloom, "0.5-1", total_steps=10)
+    falcon = tf.FalconForCausalLM(tf.FalconConfig(hidden_size=D, num_hidden_layers=1, num_attention_heads=H, num_kv_heads=2,
+                                                  new_decoder_architecture=True, vocab_size=50))
+    with pytest.raises(RaptrError, match="FalconDecoderLayer with new_decoder_architecture=True is not supported by width "
+                                         "subnetworks: they support the multi-query layout"):
         WidthRaPTr(falcon, "0.5-1", total_steps=10)
+    assert not any(type(m).__name__.startswith("Width") for m in falcon.modules())
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=D, n_layer=1, n_head=H, vocab_size=50, n_positions=16, add_cross_attention=True))
     with pytest.raises(RaptrError, match="GPT2Block with crossattention is not supported"):
         WidthRaPTr(gpt2, "0.5-1", total_steps=10)

@@ -179,14 +179,16 @@ def _features(lin: nn.Module) -> tuple[int, int]:
     return lin.nx, lin.nf
 
 
-def _plain(lin: nn.Module, conv1d: bool) -> bool:
-    """Is ``lin`` a plain linear of the kind the spec names (not quantized, not LoRA-wrapped)?"""
+def _plain(lin: nn.Module, conv1d: bool, classes: tuple[str, ...] = ()) -> bool:
+    """Is ``lin`` a plain linear of the kind the spec names (not quantized, not LoRA-wrapped)? ``classes``:
+    nn.Linear subclasses whose own forward computes x W^T + b as nn.Linear does (e.g. FalconLinear)."""
     forward = type(lin).forward
     if forward is WidthLinear.forward:
         forward = next(c.forward for c in type(lin).__mro__[1:] if c is not WidthLinear and "forward" in c.__dict__)
     if conv1d:
         return any(c.__name__ == "Conv1D" and c.__dict__.get("forward") is forward for c in type(lin).__mro__)
-    return isinstance(lin, nn.Linear) and forward is nn.Linear.forward
+    own = any(c.__name__ in classes and c.__dict__.get("forward") is forward for c in type(lin).__mro__)
+    return isinstance(lin, nn.Linear) and (forward is nn.Linear.forward or own)
 
 
 class WidthBlock:
@@ -264,6 +266,10 @@ class WidthLayer:
                 if getattr(layer, attr, None) is not None:
                     raise RaptrError(f"{name} with {attr} is not supported by width subnetworks: "
                                      "use an encoder (add_cross_attention=False)")
+            for path, value, meaning in spec.requires:
+                if _resolve(layer, path) != value:
+                    raise RaptrError(f"{name} with {path.rsplit('.', 1)[-1]}={_resolve(layer, path)!r} is not supported by "
+                                     f"width subnetworks: they support {meaning} only")
             get = layer.get_submodule
             self.kind, conv1d, self.gated = "hf", spec.conv1d, spec.gated
             self.head_out, self.head_in = [get(p) for p in spec.head_out], get(spec.head_in)
@@ -273,7 +279,7 @@ class WidthLayer:
             self.norms = [(get(path), rows) for path, rows in spec.norms]
         # Everything is checked before anything is changed: a refused layer is left as it was.
         for lin in self.linears():
-            if not _plain(lin, conv1d):
+            if not _plain(lin, conv1d, spec.linear_classes if spec is not None else ()):
                 kind = "transformers Conv1D" if conv1d else "nn.Linear"
                 raise RaptrError(f"{name}.{type(lin).__name__} is not a plain {kind} (quantized, LoRA?): "
                                  f"width subnetworks slice plain {kind} weights only")
@@ -291,6 +297,11 @@ class WidthLayer:
         self.d_model = _features(self.head_in)[1]
         self.d_ff = _features(self.unit_in)[0]
         self.n_rep = self.n_heads // self.n_kv  # query heads per KV group (1 without GQA)
+        # One KV head shared by all (multi-query): the query heads are the unit of sampling, K and V always
+        # kept, where the layer's attention follows the kept heads per KV group ("rep"); else KV groups are.
+        follows = [what for _, what in (spec.follow if spec is not None else ())]
+        self.mqa = self.n_kv == 1 and self.n_heads > 1 and "rep" in follows
+        self.head_units = self.n_heads if self.mqa else self.n_kv
         fused = _features(self.head_out[0])[1]
         if self.interleaved and self.n_rep != 1:
             raise RaptrError(f"{name}: a fused projection grouped per head is supported without grouped-query attention only")
@@ -307,7 +318,7 @@ class WidthLayer:
             if not isinstance(weight, torch.Tensor) or weight.shape != (width,) or getattr(norm, "bias", None) is not None:
                 raise RaptrError(f"{name}.{type(norm).__name__}: width subnetworks slice norms with one weight of the "
                                  f"projection's width ({width}) and no bias")
-        self._kept = {"heads": self.n_heads, "kv_heads": self.n_kv, "q_width": self.n_heads * self.head_dim}
+        self._kept = {"heads": self.n_heads, "kv_heads": self.n_kv, "q_width": self.n_heads * self.head_dim, "rep": self.n_rep}
         try:
             for path, what in (spec.follow if spec is not None else ()):
                 self._follow(layer, path, what)
@@ -372,12 +383,17 @@ class WidthLayer:
                           gated_ffn=self.gated)
 
     def sub_shape(self, groups: float, units: float) -> LayerShape:
-        """Shape of the subnetwork with ``groups`` KV groups and ``units`` FFN units (may be expected values)."""
-        return LayerShape(self.d_model, groups * self.n_rep, units, n_kv_heads=groups, head_dim=self.head_dim,
-                          gated_ffn=self.gated)
+        """Shape of the subnetwork with ``groups`` head units (KV groups; query heads under multi-query) and
+        ``units`` FFN units (may be expected values)."""
+        heads, kv = (groups, 1) if self.mqa else (groups * self.n_rep, groups)
+        return LayerShape(self.d_model, heads, units, n_kv_heads=kv, head_dim=self.head_dim, gated_ffn=self.gated)
 
     def linears(self) -> list[nn.Module]:
         return self.head_out + [self.head_in] + self.unit_out + [self.unit_in]
+
+    def head_count(self, plan: "WidthPlan", i: int) -> int:
+        """Layer ``i``'s kept head units in ``plan`` (what ``sub_shape`` takes)."""
+        return plan.num_heads[i] if self.mqa else plan.num_kv_heads[i]
 
     def sliced(self) -> list[nn.Module]:
         """Every module computing with a slice: the linears and the norms over all heads."""
@@ -392,8 +408,13 @@ class WidthLayer:
                 norm._width_idx = None
             return
         hd, device = self.head_dim, self.head_in.weight.device
-        q_rows = _expand(_expand(groups, self.n_rep), hd)  # query heads of the kept groups, then their rows
-        kv_rows = _expand(groups, hd)
+        if self.mqa:  # ``groups`` are query heads; the one K and V head stays
+            q_rows, kv_rows = _expand(groups, hd), torch.arange(hd)
+            heads, kv = len(groups), 1
+        else:
+            q_rows = _expand(_expand(groups, self.n_rep), hd)  # query heads of the kept groups, then their rows
+            kv_rows = _expand(groups, hd)
+            heads, kv = len(groups) * self.n_rep, len(groups)
         if self.fused_heads and self.interleaved:  # rows [q_h | k_h | v_h] per head (no GQA)
             out = [_expand(groups, 3 * hd)]
         elif self.fused_heads:  # rows [q | k | v] of one projection
@@ -401,7 +422,7 @@ class WidthLayer:
             out = [torch.cat([q_rows, kv_rows + q_end, kv_rows + k_end])]
         else:
             out = [q_rows, kv_rows, kv_rows]
-        self._kept = {"heads": len(groups) * self.n_rep, "kv_heads": len(groups), "q_width": len(groups) * self.n_rep * hd}
+        self._kept = {"heads": heads, "kv_heads": kv, "q_width": heads * hd, "rep": heads // kv}
         pieces = torch.cat(out + [q_rows]).to(device).split([len(t) for t in out] + [len(q_rows)])
         for lin, idx in zip(self.head_out, pieces[:-1]):
             lin._width_idx = idx
@@ -539,10 +560,10 @@ class WidthRaPTr:
             for i, wl in enumerate(self.layers):
                 if i in self.fixed:
                     continue
-                if self.heads and f * wl.n_kv < 1:
-                    unit = "KV groups" if wl.n_rep > 1 else "heads"
-                    raise RaptrError(f"kept fraction {f:g} keeps {f * wl.n_kv:g} of layer {i}'s {wl.n_kv} {unit}, less than one: "
-                                     f"use fractions >= {1 / wl.n_kv:g}, or heads=False")
+                if self.heads and f * wl.head_units < 1:
+                    unit = "KV groups" if wl.n_rep > 1 and not wl.mqa else "heads"
+                    raise RaptrError(f"kept fraction {f:g} keeps {f * wl.head_units:g} of layer {i}'s {wl.head_units} {unit}, less "
+                                     f"than one: use fractions >= {1 / wl.head_units:g}, or heads=False")
                 if self.ffn and f * wl.d_ff < 1:
                     raise RaptrError(f"kept fraction {f:g} keeps less than one of layer {i}'s {wl.d_ff} FFN units: use a larger fraction")
 
@@ -560,15 +581,19 @@ class WidthRaPTr:
         heads, kv, units, nh, nkv, nu, hs, us = [], [], [], [], [], [], [], []
         for i, wl in enumerate(self.layers):
             sampled = f < 1.0 and i not in self.fixed
-            groups = _draw(wl.n_kv, f, gen_h) if (sampled and self.heads) else None
+            groups = _draw(wl.head_units, f, gen_h) if (sampled and self.heads) else None  # KV groups, or MQA's query heads
             u = _draw(wl.d_ff, f, gen_u) if (sampled and self.ffn) else None
-            kv.append(groups)
-            heads.append(None if groups is None else _expand(groups, wl.n_rep))
+            if wl.mqa:
+                heads.append(groups)
+                kv.append(None if groups is None else torch.zeros(1, dtype=torch.long))
+            else:
+                kv.append(groups)
+                heads.append(None if groups is None else _expand(groups, wl.n_rep))
             units.append(u)
-            nkv.append(wl.n_kv if groups is None else len(groups))
-            nh.append(nkv[-1] * wl.n_rep)
+            nkv.append(wl.n_kv if kv[-1] is None else len(kv[-1]))
+            nh.append(wl.n_heads if heads[-1] is None else len(heads[-1]))
             nu.append(wl.d_ff if u is None else len(u))
-            hs.append(branch_scale(nkv[-1] / wl.n_kv, self.scaling))
+            hs.append(branch_scale((wl.head_units if groups is None else len(groups)) / wl.head_units, self.scaling))
             us.append(branch_scale(nu[-1] / wl.d_ff, self.scaling))
         return WidthPlan(step, stage.index, f, tuple(heads), tuple(kv), tuple(units), tuple(nh), tuple(nkv), tuple(nu),
                          tuple(hs), tuple(us))
@@ -577,8 +602,9 @@ class WidthRaPTr:
         """Make the layers compute ``plan``'s subnetwork (train mode) until the next call."""
         if len(plan.kv_heads) != len(self.layers):
             raise RaptrError(f"plan has {len(plan.kv_heads)} layers, the model {len(self.layers)}")
-        for wl, groups, units, hs, us in zip(self.layers, plan.kv_heads, plan.units, plan.head_scales, plan.unit_scales):
-            wl.set_heads(groups, hs)
+        for wl, heads, groups, units, hs, us in zip(self.layers, plan.heads, plan.kv_heads, plan.units, plan.head_scales,
+                                                    plan.unit_scales):
+            wl.set_heads(heads if wl.mqa else groups, hs)
             wl.set_units(units, us)
         self.last_plan = plan
 
@@ -611,7 +637,8 @@ class WidthRaPTr:
         """Forward FLOPs of all layers of a step's subnetwork for one sequence."""
         plan = self.plan(plan) if isinstance(plan, int) else plan
         T = seq_len or self.seq_len
-        return sum(wl.sub_shape(g, u).forward_flops(T) for wl, g, u in zip(self.layers, plan.num_kv_heads, plan.num_units))
+        return sum(wl.sub_shape(wl.head_count(plan, i), u).forward_flops(T)
+                   for i, (wl, u) in enumerate(zip(self.layers, plan.num_units)))
 
     def relative_flops(self, step: int | WidthPlan | None = None, seq_len: int | None = None) -> float:
         """Layer FLOPs relative to the full model: of one step's subnetwork (``step`` given), or
@@ -633,7 +660,7 @@ class WidthRaPTr:
         out = 0.0
         for i, wl in enumerate(self.layers):
             sampled = fraction < 1.0 and i not in self.fixed
-            g = fraction * wl.n_kv if (sampled and self.heads) else wl.n_kv
+            g = fraction * wl.head_units if (sampled and self.heads) else wl.head_units
             u = fraction * wl.d_ff if (sampled and self.ffn) else wl.d_ff
             out += wl.sub_shape(g, u).forward_flops(T)
         return out

@@ -48,9 +48,9 @@ class WidthOptions:
 def _shares(wr: WidthRaPTr, plan, seq_len: int, active=None) -> tuple[float, ...]:
     """Per layer: sub-layer FLOPs / full-layer FLOPs (0 for a layer that did not run)."""
     out = []
-    for i, (wl, g, u) in enumerate(zip(wr.layers, plan.num_kv_heads, plan.num_units)):
+    for i, (wl, u) in enumerate(zip(wr.layers, plan.num_units)):
         run = active is None or active[i]
-        out.append(wl.sub_shape(g, u).forward_flops(seq_len) / wl.shape.forward_flops(seq_len) if run else 0.0)
+        out.append(wl.sub_shape(wl.head_count(plan, i), u).forward_flops(seq_len) / wl.shape.forward_flops(seq_len) if run else 0.0)
     return tuple(out)
 
 

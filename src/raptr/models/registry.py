@@ -120,6 +120,8 @@ class WidthSpec:
     conv1d: bool = False
     interleaved: bool = False  # fused rows per head, [q_h | k_h | v_h] for h = 0..n-1 (GPT-NeoX), not [q | k | v]
     norms: tuple[tuple[str, str], ...] = ()  # norms over all heads' outputs at once (path, "q" or "kv"): sliced too
+    linear_classes: tuple[str, ...] = ()  # nn.Linear subclasses whose own forward is x W^T + b (e.g. FalconLinear)
+    requires: tuple[tuple[str, object, str], ...] = ()  # (attribute, value it must have, what it means) or refused
 
 
 _BERT_WIDTH = WidthSpec(("attention.self.query", "attention.self.key", "attention.self.value"), "attention.output.dense",
@@ -151,6 +153,17 @@ _NEOX_WIDTH = WidthSpec(("attention.query_key_value",), "attention.dense", ("mlp
 # kept heads' slice of their weight, so their statistic runs over the kept heads, as in a model with only those.
 _OLMO2_WIDTH = dataclasses.replace(_LLAMA_WIDTH, norms=(("self_attn.q_norm", "q"), ("self_attn.k_norm", "kv")))
 
+# Falcon (multi-query, its default and Falcon-7B's): one fused query_key_value with rows [q | k | v] and a
+# single KV head, so the query heads are sampled within it (K and V always kept); its attention splits
+# at num_heads and repeats K and V num_key_value_groups times, both following the kept heads.
+_FALCON_WIDTH = WidthSpec(("self_attention.query_key_value",), "self_attention.dense", ("mlp.dense_h_to_4h",),
+                          "mlp.dense_4h_to_h", "self_attention.head_dim", n_heads="self_attention.num_heads",
+                          n_kv_heads="self_attention.num_kv_heads",
+                          follow=(("self_attention.num_heads", "heads"), ("self_attention.num_key_value_groups", "rep")),
+                          linear_classes=("FalconLinear",),
+                          requires=(("self_attention.multi_query", True, "multi-query attention"),
+                                    ("self_attention.new_decoder_architecture", False, "the multi-query layout (not new_decoder_architecture)")))
+
 # Width subnetworks, per layer class (by name, so no transformers import is needed here).
 WIDTH_LAYERS: dict[str, WidthSpec] = {
     **{name: _BERT_WIDTH for name in ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLayer")},
@@ -161,8 +174,7 @@ WIDTH_LAYERS: dict[str, WidthSpec] = {
     "Phi3DecoderLayer": _PHI3_WIDTH,
     "GPT2Block": _GPT2_WIDTH,
     "Olmo2DecoderLayer": _OLMO2_WIDTH,
-    # Not Falcon: its default multi-query attention has one KV head, so a KV group (the unit of head
-    # sampling) is the whole attention; its FFN alone could be sliced, which width does not offer.
+    "FalconDecoderLayer": _FALCON_WIDTH,
 }
 
 
