@@ -198,7 +198,8 @@ def test_torchtitan_trainer_skips_blocks_counts_their_flops_and_resumes_from_its
     metrics and DCP checkpointer. The planned path runs (and only its blocks get gradients); the FLOPs per
     token torchtitan's metrics use count only the blocks that ran; a resume from the step-3 checkpoint
     (taken before some blocks had ever trained: their AdamW state exists all the same) continues the
-    same paths and losses bitwise; a checkpoint of another seed is refused."""
+    same paths and losses bitwise; a checkpoint of another seed is refused; with torchtitan's per-block
+    compile the same paths give eager's losses."""
     import json
     import shutil
 
@@ -224,6 +225,14 @@ def test_torchtitan_trainer_skips_blocks_counts_their_flops_and_resumes_from_its
     shutil.rmtree(tmp_path / "dump" / "checkpoint" / "step-6")
     other = _trainer(tmp_path, 6, "--raptr.seed", "1", check=False)
     assert other.returncode != 0 and "written by another method configuration (seed: 0 -> 1)" in other.stderr
+    # torchtitan's per-block compile (block.compile(fullgraph=True), around its activation-checkpoint wrapper):
+    # the gate sits outside each compiled block, so no graph holds the path (fullgraph would fail on a break,
+    # and a graph per path would hit the recompile limit); the same paths and eager's losses.
+    (tmp_path / "compiled").mkdir()
+    _trainer(tmp_path / "compiled", 6, "--checkpoint.no-enable", "--compile.enable", "--compile.backend", "aot_eager")
+    compiled = json.loads((tmp_path / "compiled" / "record.json").read_text())["steps"]
+    assert [compiled[str(s)]["path"] for s in range(1, 7)] == plan
+    assert [compiled[str(s)]["loss"] for s in range(1, 7)] == pytest.approx([r["loss"] for r in steps], rel=1e-5)
 
 
 def test_torchtitan_config_section_parses_and_refuses_what_it_cannot_do():

@@ -57,7 +57,6 @@ def main() -> None:
         seed += rank
     torch.manual_seed(0)
     model = debug_model("sdpa").train()
-    host = raptr.wrap(model, schedule="3-4-6", total_steps=steps, seed=seed, check_every=1)
     tp = "--tp" in args
     if distributed and tp:
         from torch.distributed.device_mesh import init_device_mesh
@@ -74,6 +73,8 @@ def main() -> None:
         for block in model.layers.values():  # torchtitan's order: each block, then the root
             fully_shard(block)
         fully_shard(model)
+    # after parallelizing, as raptr.integrations.torchtitan does: each block is gated as it was parallelized
+    host = raptr.wrap(model, schedule="3-4-6", total_steps=steps, seed=seed, check_every=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     # A checkpoint taken before a skipped block first trained would lack its AdamW state, which a fresh
     # optimizer's load template has: create every parameter's state now (training is unchanged).

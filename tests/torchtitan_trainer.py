@@ -92,8 +92,8 @@ def main() -> None:
     def row():
         return record["steps"].setdefault(trainer.step, {"ran": []})
 
-    for i, block in enumerate(blocks):
-        block.register_forward_hook(lambda m, a, o, i=i: torch.is_grad_enabled() and row()["ran"].append(i))
+    for i, block in enumerate(blocks):  # (kept out of compiled graphs: a per-block constant would recompile per block)
+        block.register_forward_hook(torch.compiler.disable(lambda m, a, o, i=i: torch.is_grad_enabled() and row()["ran"].append(i)))
     step_optimizer, log = trainer.optimizers.step, trainer.metrics_processor.log
 
     def optimizer_step(*args, **kwargs):

@@ -4,8 +4,9 @@
         --config raptr_llama3_8b --raptr.schedule f:0.25-0.5-0.75-1 --raptr.stage_lengths prop:1
 
 ``RaptrTrainer`` is torchtitan's ``Trainer`` with a ``raptr`` config section (``RaptrConfig``). It
-wraps the model's block stack before torchtitan parallelizes it, so FSDP2 units, tensor-parallel
-plans, activation checkpointing and per-block compile all apply to the gated blocks; draws the path
+gates each block as torchtitan's parallelize leaves it (FSDP2 unit, tensor-parallel plan, activation
+checkpoint wrapper, per-block ``compile(fullgraph=True)``), so a skipped block skips all of that and a
+compiled block's graph never contains the path decision; draws the path
 once per optimizer step, before the forward (every rank draws the same, checked every
 ``check_every`` steps); reports the FLOPs per token of what ran to torchtitan's metrics, so its
 TFLOPS and MFU count only the blocks that ran; and keeps the method's state in the ``train_state``
@@ -85,11 +86,14 @@ class RaptrTrainer(Trainer):
         spec = config.model_spec
         parallelize = spec.parallelize_fn
 
-        def wrap_then_parallelize(model: nn.Module, **kwargs):
+        def parallelize_then_wrap(model: nn.Module, **kwargs):
+            # Gate what torchtitan made of each block (activation-checkpoint wrapper, per-block compile, FSDP2
+            # unit): a skipped block then skips all of it, and a compiled block never sees the path decision.
+            model = parallelize(model, **kwargs)
             self.raptr.attach(model, config.training.steps, seq_len=config.training.seq_len)
-            return parallelize(model, **kwargs)
+            return model
 
-        config.model_spec = dataclasses.replace(spec, parallelize_fn=wrap_then_parallelize)
+        config.model_spec = dataclasses.replace(spec, parallelize_fn=parallelize_then_wrap)
         super().__init__(config)
         self._full_flops_per_token = self.metrics_processor.num_flops_per_token  # torchtitan's count, every block
         self._window: list[float] = []
