@@ -260,14 +260,20 @@ def test_torchtitan_config_section_parses_and_refuses_what_it_cannot_do():
         RaptrTrainer(piped)
 
 
-def test_init_optimizer_state_leaves_training_unchanged():
-    """Every parameter gets its AdamW state up front; training with skipped layers is then bitwise what
-    it is with state created lazily at each parameter's first update."""
+OPTIMIZERS = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1),
+              "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3, weight_decay=0.1),
+              "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.1)}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_init_optimizer_state_leaves_training_unchanged(name):
+    """Every parameter gets its optimizer state up front; training with skipped layers is then bitwise
+    what it is with state created lazily at each parameter's first update (weight decay included)."""
     losses = []
     for eager in (False, True):
         model = debug_model("sdpa").train()
         host = raptr.wrap(model, schedule="3-4-6", stage_lengths="equal", total_steps=6, seed=2)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        opt = OPTIMIZERS[name](model.parameters())
         if eager:
             raptr.init_optimizer_state(opt)
             assert len(opt.state) == len(list(model.parameters()))

@@ -12,7 +12,7 @@ once per optimizer step, before the forward (every rank draws the same, checked 
 TFLOPS and MFU count only the blocks that ran; and keeps the method's state in the ``train_state``
 of torchtitan's DCP checkpoint, so a resume continues the same paths and refuses another
 configuration. Pipeline parallel and methods that change the model (stacking) are refused in one
-line. Every parameter's optimizer state is created before training (``raptr.init_optimizer_state``),
+line; CUDA graphs are turned off (a captured graph would replay one path). Every parameter's optimizer state is created before training (``raptr.init_optimizer_state``),
 so a checkpoint taken before a skipped block first trained still resumes. The config registry at the bottom (``raptr_llama3_debugmodel``, ``raptr_llama3_8b``, ...) is
 torchtitan's own for each model, plus the section. Tested with torchtitan 0.3.0 (``raptr[torchtitan]``).
 """
@@ -23,6 +23,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from torch import nn
+from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from raptr.errors import RaptrError
@@ -83,6 +84,11 @@ class RaptrTrainer(Trainer):
             raise RaptrError("pipeline parallel is not supported with raptr: a stage whose blocks are skipped would "
                              "idle while the others run; set --parallelism.pipeline_parallel_degree 1 (FSDP and TP work)")
         self.raptr = config.raptr.host()
+        if not config.training.disable_cuda_graphs:
+            # A captured CUDA graph replays the blocks it captured whatever path is drawn later (and zeroes
+            # gradients instead of dropping them, so AdamW would move skipped blocks): paths need eager steps.
+            logger.info("raptr: CUDA graphs off (--training.disable_cuda_graphs): each step runs its own path")
+            config.training.disable_cuda_graphs = True
         spec = config.model_spec
         parallelize = spec.parallelize_fn
 
@@ -95,6 +101,8 @@ class RaptrTrainer(Trainer):
 
         config.model_spec = dataclasses.replace(spec, parallelize_fn=parallelize_then_wrap)
         super().__init__(config)
+        if self.raptr.context is None:  # --checkpoint.create_seed_checkpoint: torchtitan builds no parallel model
+            return
         self._full_flops_per_token = self.metrics_processor.num_flops_per_token  # torchtitan's count, every block
         self._window: list[float] = []
         # A checkpoint taken before a skipped block first trained would lack its optimizer state, which the
@@ -105,7 +113,8 @@ class RaptrTrainer(Trainer):
     def flops_per_token(self) -> float:
         """torchtitan's per-token training FLOPs of the last step: what lies outside the blocks (LM head), plus
         each block's share of the full count for every block (or block fraction, for width methods) that ran.
-        Exact for models whose blocks are alike (torchtitan's dense and MoE decoders)."""
+        Exact for models whose blocks are all alike (Llama-3, tested); not for mixed stacks (DeepSeek-V3's
+        dense first layers, hybrid attention) or models with parts torchtitan does not count (vision encoders)."""
         blocks = len(self.raptr.context.layers)
         per_block = (self._full_flops_per_token - self._outside_flops_per_token) / blocks
         units = self.raptr.last.layer_units if self.raptr.last is not None else blocks
@@ -126,9 +135,12 @@ class RaptrTrainer(Trainer):
         return out
 
     def state_dict(self) -> dict:
+        if self.raptr.context is None:  # a seed checkpoint: no method state yet
+            return super().state_dict()
         return {**super().state_dict(), STATE_KEY: self.raptr.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # (DCP loads into the template above, so a checkpoint without raptr's state fails there, in DCP's words)
         if STATE_KEY in state_dict:
             self.raptr.load_state_dict(state_dict[STATE_KEY])  # another method, options or seed: refused
         super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_KEY})

@@ -220,24 +220,29 @@ def init_optimizer_state(optimizer: Any) -> None:
     Optimizers create a parameter's state at its first update, so a checkpoint written before a
     skipped layer first trained has no state for it, while a fresh optimizer's load template (DCP's
     ``get_optimizer_state_dict``) has state for every parameter: the resume then fails with "Missing
-    key in checkpoint state_dict". This runs one step with zero gradients and learning rate 0 (no
-    parameter moves) and sets ``step`` back to 0: for Adam, AdamW and SGD the state is then exactly
-    what the first real update would have created (SGD: without dampening), so training is unchanged. Call it after building
-    the optimizer and before loading a checkpoint; an optimizer that already has state is left alone."""
+    key in checkpoint state_dict". This runs one step with zero gradients, learning rate 0 and weight
+    decay 0 (no parameter moves, no moment fills) and sets ``step`` back to 0: for AdamW, Adam and SGD
+    with momentum (without dampening) the state is then exactly what the first real update would have
+    created, so training is unchanged (tested bitwise for all three, with weight decay). Call it after
+    building the optimizer and before loading a checkpoint; an optimizer that already has state is left alone."""
     for opt in getattr(optimizer, "optimizers", None) or [optimizer]:  # torchtitan's container holds several
         if opt.state:
             continue
         params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
         if any(p.grad is not None for p in params):
             raise RaptrError("init_optimizer_state: call it before training (parameters already have gradients)")
-        lrs = [group["lr"] for group in opt.param_groups]
-        for group in opt.param_groups:
+        saved = [(group["lr"], group.get("weight_decay")) for group in opt.param_groups]
+        for group in opt.param_groups:  # no step size, and no weight decay added to the zero gradients
             group["lr"] = 0.0 if not torch.is_tensor(group["lr"]) else torch.zeros_like(group["lr"])
+            if "weight_decay" in group:
+                group["weight_decay"] = 0.0
         for p in params:
             p.grad = torch.zeros_like(p)
         opt.step()
-        for group, lr in zip(opt.param_groups, lrs):
+        for group, (lr, wd) in zip(opt.param_groups, saved):
             group["lr"] = lr
+            if wd is not None:
+                group["weight_decay"] = wd
         for p in params:
             p.grad = None
         for state in opt.state.values():
