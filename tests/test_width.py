@@ -226,6 +226,23 @@ def test_bert_layer_equals_a_hand_built_smaller_bert_layer():
     torch.testing.assert_close(layer.output.LayerNorm.weight.grad, small.output.LayerNorm.weight.grad)
 
 
+def copy_kept(layer, small, q, kv, units, sh, su, norms, head_norms=()):
+    """Give a Llama-style ``small`` layer the kept slice of ``layer``: q/k/v rows (and biases), o_proj and
+    down_proj columns times their scales, FFN rows, the named norms whole and ``head_norms`` sliced."""
+    a, sa = layer.self_attn, small.self_attn
+    with torch.no_grad():
+        for name, idx in (("q_proj", q), ("k_proj", kv), ("v_proj", kv), *head_norms):
+            getattr(sa, name).weight.copy_(getattr(a, name).weight[idx])
+            if getattr(getattr(a, name), "bias", None) is not None:
+                getattr(sa, name).bias.copy_(getattr(a, name).bias[idx])
+        sa.o_proj.weight.copy_(a.o_proj.weight[:, q] * sh)
+        for name in ("gate_proj", "up_proj"):
+            getattr(small.mlp, name).weight.copy_(getattr(layer.mlp, name).weight[units])
+        small.mlp.down_proj.weight.copy_(layer.mlp.down_proj.weight[:, units] * su)
+        for name in norms:
+            getattr(small, name).weight.copy_(getattr(layer, name).weight)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_gqa_layer_equals_a_hand_built_smaller_layer(kind):
     """4 query heads in 2 KV groups: a kept group brings its 2 query heads; Qwen2 adds q/k/v biases."""
@@ -239,17 +256,7 @@ def test_gqa_layer_equals_a_hand_built_smaller_layer(kind):
     small = layer_cls(llama_cfg(kind, num_attention_heads=2, num_key_value_heads=1, intermediate_size=len(units)), 0)
     a, sa = layer.self_attn, small.self_attn
     q, kv = rows(heads, HD), rows(groups, HD)
-    with torch.no_grad():
-        for name, idx in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-            getattr(sa, name).weight.copy_(getattr(a, name).weight[idx])
-            if getattr(a, name).bias is not None:
-                getattr(sa, name).bias.copy_(getattr(a, name).bias[idx])
-        sa.o_proj.weight.copy_(a.o_proj.weight[:, q] * sh)
-        for name in ("gate_proj", "up_proj"):
-            getattr(small.mlp, name).weight.copy_(getattr(layer.mlp, name).weight[units])
-        small.mlp.down_proj.weight.copy_(layer.mlp.down_proj.weight[:, units] * su)
-        small.input_layernorm.weight.copy_(layer.input_layernorm.weight)
-        small.post_attention_layernorm.weight.copy_(layer.post_attention_layernorm.weight)
+    copy_kept(layer, small, q, kv, units, sh, su, ("input_layernorm", "post_attention_layernorm"))
     x = torch.randn(B, T, D)
     g = torch.randn(B, T, D)
     out, ref = call(kind, layer, x, rope), call(kind, small, x, rope)
@@ -287,15 +294,8 @@ def test_olmo2_layer_with_head_norms_equals_a_hand_built_smaller_layer():
     small = Olmo2DecoderLayer(cfg(num_attention_heads=2, num_key_value_heads=1, intermediate_size=len(units)), 0)
     a, sa = layer.self_attn, small.self_attn
     q, kv = rows(heads, HD), rows(groups, HD)
-    with torch.no_grad():
-        for name, idx in (("q_proj", q), ("k_proj", kv), ("v_proj", kv), ("q_norm", q), ("k_norm", kv)):
-            getattr(sa, name).weight.copy_(getattr(a, name).weight[idx])
-        sa.o_proj.weight.copy_(a.o_proj.weight[:, q] * sh)
-        for name in ("gate_proj", "up_proj"):
-            getattr(small.mlp, name).weight.copy_(getattr(layer.mlp, name).weight[units])
-        small.mlp.down_proj.weight.copy_(layer.mlp.down_proj.weight[:, units] * su)
-        small.post_attention_layernorm.weight.copy_(layer.post_attention_layernorm.weight)
-        small.post_feedforward_layernorm.weight.copy_(layer.post_feedforward_layernorm.weight)
+    copy_kept(layer, small, q, kv, units, sh, su, ("post_attention_layernorm", "post_feedforward_layernorm"),
+              head_norms=(("q_norm", q), ("k_norm", kv)))
     x, g = torch.randn(B, T, D), torch.randn(B, T, D)
     out, ref = call("olmo2", layer, x, rope), call("olmo2", small, x, rope)
     torch.testing.assert_close(out, ref)

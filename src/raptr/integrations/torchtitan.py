@@ -150,17 +150,9 @@ def _params_outside_blocks(model: nn.Module, blocks) -> int:
     """Parameters that torchtitan counts as matmul FLOPs outside the blocks: all but the blocks' and the
     input embeddings' (an embedding weight tied to the LM head counts, as torchtitan counts it)."""
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
-    embedding, other = set(), {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if id(p) in in_blocks:
-                continue
-            if isinstance(module, nn.Embedding):
-                embedding.add(id(p))
-            else:
-                other[id(p)] = p
-    seen = {id(p): p for p in model.parameters()}
-    return sum(p.numel() for i, p in seen.items() if i not in in_blocks and (i not in embedding or i in other))
+    counted = {id(p): p for module in model.modules() if not isinstance(module, nn.Embedding)
+               for p in module.parameters(recurse=False) if id(p) not in in_blocks}  # a tied weight: via the LM head
+    return sum(p.numel() for p in counted.values())
 
 
 def to_raptr(base: Trainer.Config, **raptr) -> RaptrTrainer.Config:
