@@ -28,6 +28,12 @@ def test_overrides_go_through_the_train_parser():
     with pytest.raises(RaptrError, match="'steps' must be an integer"):
         parse("polynomial", "tiny", ["steps=many"])
     assert parse("probes", "cpu", ["runs=x", "tasks=cloze"]).tasks == ["cloze"]
+    # components carry their own typed config: dotted keys reach it, its types and choices are checked
+    cfg = parse("polynomial", "tiny", ["network.width=8", "raptr.schedule=2-4", "raptr.scaling=sqrt"])
+    assert (cfg.network.width, cfg.network.n_layers, cfg.raptr.schedule, cfg.raptr.stage_lengths) == (8, 4, "2-4", "equal")
+    with pytest.raises(RaptrError, match="'raptr.scaling' is 'sqr': use one of none, sqrt, linear"):
+        parse("polynomial", "tiny", ["raptr.scaling=sqr"])
+    assert parse("stability", "tiny", ["tf_model.d_model=32"]).tf_model.d_model == 32
 
 
 def test_polynomial_runs_from_the_cli_and_rebuilds_from_its_results(tmp_path):

@@ -1,5 +1,6 @@
 """The math of the polynomial and stability experiments, checked by hand, and their tiny presets end to end."""
 
+import dataclasses
 import math
 
 import pytest
@@ -63,8 +64,8 @@ def test_targets_have_the_asked_degrees_and_structure():
 def test_pld_gamma_matches_raptr_flops_and_bad_input_raises():
     cfg = P.make_config("cpu")
     want = P.raptr_schedule(cfg).relative_layer_flops()
-    gamma = P.solve_pld_gamma(want, cfg.pld_theta, cfg.n_layers, cfg.steps)
-    assert P.pld_relative_flops(cfg.pld_theta, gamma, cfg.n_layers, cfg.steps) == pytest.approx(want, abs=1e-6)
+    gamma = P.solve_pld_gamma(want, cfg.pld_theta, cfg.network.n_layers, cfg.steps)
+    assert P.pld_relative_flops(cfg.pld_theta, gamma, cfg.network.n_layers, cfg.steps) == pytest.approx(want, abs=1e-6)
     with pytest.raises(RaptrError, match="lower pld_theta"):  # 6-8-10-12 (0.75) is below PLD's floor at θ̄ = 0.5
         P.solve_pld_gamma(0.75, 0.5, 12, 1000)
     with pytest.raises(RaptrError, match="unknown polynomial option"):
@@ -73,6 +74,18 @@ def test_pld_gamma_matches_raptr_flops_and_bad_input_raises():
         P.make_config("gpu")
     with pytest.raises(RaptrError, match="one coefficient per degree"):
         P.make_config("cpu", coefficients=[1.0])
+
+
+def test_the_raptr_arm_trains_the_schedule_the_report_states():
+    """The RaPTr arm's options are the method's own typed options: the host's schedule is the one the
+    report and PLD's γ are computed from (equal stages here, not the library's default stage lengths)."""
+    cfg = P.make_config("cpu")
+    model = P.ResidualMLP(cfg.d, cfg.network.width, cfg.network.hidden, cfg.network.n_layers)
+    host = P.method_host("raptr", cfg, seed=0, gamma=0.0).attach(model, cfg.steps, layers=model.blocks)
+    trained, stated = host.method.raptr.schedule, P.raptr_schedule(cfg)
+    assert trained.boundaries == stated.boundaries == [300, 600, 900]
+    assert [s.keep_prob for s in trained.stages] == [s.keep_prob for s in stated.stages]
+    host.detach()
 
 
 # ------------------------------------------------------------------------------ Ψ
@@ -121,6 +134,11 @@ def test_stability_bad_input_raises():
         S.make_config("cpu", linear_depths=[4])
     with pytest.raises(RaptrError, match="unknown stability option"):
         S.make_config("cpu", depth=3)
+    model = S.StabilityConfig().tf_model
+    with pytest.raises(RaptrError, match="tf_model.n_layers is set by tf_depths"):
+        S.make_config("cpu", tf_model=dataclasses.replace(model, n_layers=4))
+    with pytest.raises(RaptrError, match="tf_model.d_model=64 is not divisible by tf_model.n_heads=3"):
+        S.make_config("cpu", tf_model=dataclasses.replace(model, n_heads=3))
     with pytest.raises(RaptrError, match="unknown architecture"):
         S.linear_network("res", 2, 4, torch.Generator())
 

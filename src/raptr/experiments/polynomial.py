@@ -37,18 +37,29 @@ from tqdm.auto import tqdm
 
 from raptr.core import Schedule
 from raptr.errors import RaptrError
-from raptr.experiments.presets import preset_config
+from raptr.experiments.presets import prepare_run, preset_config
 from raptr.methods.base import TrainingContext
 from raptr.methods.host import Host
 from raptr.methods.pld import ProgressiveLayerDrop
 from raptr.methods.pld import PLDOptions
+from raptr.methods.raptr import RaPTrOptions, build_schedule
 from raptr.training.config import OptimConfig
 from raptr.training.trainer import lr_at
+from raptr.typed import from_dict
 
 METHODS = ("baseline", "pld", "raptr")
 HOSTED = {"baseline": "standard", "pld": "pld", "raptr": "raptr"}  # each arm's registered method
 STRUCTURES = ("staircase", "random")
 LEARNED = 0.25  # a degree counts as learned when its relative coefficient error is at most this
+
+
+@dataclass
+class MLPConfig:
+    """The network: Linear(d, width) -> n_layers pre-LN residual MLP blocks (hidden units each) -> LN -> Linear(width, 1)."""
+
+    width: int = 128
+    hidden: int = 128
+    n_layers: int = 12
 
 
 @dataclass
@@ -60,10 +71,7 @@ class PolynomialConfig:
     coefficients: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6, 0.4])  # one per degree
     structure: str = "random"  # random: independent random subsets per degree | staircase: chains x_a, x_a x_b, x_a x_b x_c, ...
     target_seed: int = 0
-    # network
-    width: int = 128
-    hidden: int = 128
-    n_layers: int = 12
+    network: MLPConfig = field(default_factory=MLPConfig)
     # training
     steps: int = 1200
     batch_size: int = 256
@@ -72,10 +80,9 @@ class PolynomialConfig:
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    # RaPTr
-    raptr_schedule: str = "7-9-11-12"  # expected path length per stage (fixed layers counted), equal stages
-    raptr_fixed: str = "first,last"
-    raptr_scaling: str = "none"  # none | sqrt | linear (the paper's main algorithm: none)
+    # RaPTr: the method's own options (expected path length per stage, fixed layers counted; the paper's main
+    # algorithm has no branch scaling)
+    raptr: RaPTrOptions = field(default_factory=lambda: RaPTrOptions(schedule="7-9-11-12", stage_lengths="equal"))
     # PLD
     pld_theta: float = 0.5  # θ̄
     pld_gamma: float = 0.0  # 0: solve γ so that PLD's expected layer FLOPs equal RaPTr's
@@ -87,9 +94,9 @@ class PolynomialConfig:
 
 PRESETS: dict[str, PolynomialConfig] = {
     "cpu": PolynomialConfig(),
-    "tiny": PolynomialConfig(d=8, max_degree=3, coefficients=[1.0, 0.7, 0.5], width=16, hidden=32, n_layers=4,
-                             steps=24, batch_size=32, warmup_steps=2, seeds=[0], raptr_schedule="3-4",
-                             eval_every=8, eval_samples=256),
+    "tiny": PolynomialConfig(d=8, max_degree=3, coefficients=[1.0, 0.7, 0.5], network=MLPConfig(width=16, hidden=32, n_layers=4),
+                             steps=24, batch_size=32, warmup_steps=2, seeds=[0],
+                             raptr=RaPTrOptions(schedule="3-4", stage_lengths="equal"), eval_every=8, eval_samples=256),
 }
 
 
@@ -219,7 +226,7 @@ class ResidualMLP(nn.Module):
 
 # ---------------------------------------------------------------------------------------- methods
 def raptr_schedule(cfg: PolynomialConfig) -> Schedule:
-    return Schedule.parse(cfg.raptr_schedule, cfg.n_layers, cfg.steps, fixed=cfg.raptr_fixed)
+    return build_schedule(cfg.raptr, cfg.network.n_layers, cfg.steps)
 
 
 def pld_relative_flops(theta: float, gamma: float, n_layers: int, steps: int) -> float:
@@ -235,7 +242,7 @@ def solve_pld_gamma(target_flops: float, theta: float, n_layers: int, steps: int
     if target_flops < floor - 1e-9:
         raise RaptrError(
             f"PLD with theta={theta:g} on {n_layers} layers spends at least {floor:.3f} of the layer FLOPs, more than "
-            f"RaPTr's {target_flops:.3f}: use a longer RaPTr schedule (raptr_schedule) or a lower pld_theta"
+            f"RaPTr's {target_flops:.3f}: use a longer RaPTr schedule (raptr.schedule) or a lower pld_theta"
         )
     lo, hi = 0.0, 1e3
     for _ in range(200):
@@ -250,16 +257,20 @@ CLAIM = ("pld", "raptr")
 
 
 # ---------------------------------------------------------------------------------------- training
+def method_host(method: str, cfg: PolynomialConfig, seed: int, gamma: float) -> Host:
+    """Every method through the one host, like any training loop: RaPTr with this config's ``raptr``
+    options (the schedule ``raptr_schedule`` reports), PLD with θ̄ and the solved γ."""
+    options = {"raptr": dataclasses.asdict(cfg.raptr), "pld": {"theta": cfg.pld_theta, "gamma": gamma}}.get(method, {})
+    return Host(HOSTED[method], seed=seed, **options)
+
+
 def train_one(method: str, cfg: PolynomialConfig, seed: int, target: Target, eval_x: torch.Tensor,
               gamma: float, bar: tqdm | None = None) -> dict[str, Any]:
     torch.manual_seed(seed)  # same init for every method of a seed
-    model = ResidualMLP(cfg.d, cfg.width, cfg.hidden, cfg.n_layers)
+    model = ResidualMLP(cfg.d, cfg.network.width, cfg.network.hidden, cfg.network.n_layers)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     opt_cfg = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, decay="cosine", min_lr_ratio=cfg.min_lr_ratio)
-    # Every method through the one host, like any training loop (its options from this config's fields).
-    options = {"raptr": {"schedule": cfg.raptr_schedule, "fixed": cfg.raptr_fixed, "scaling": cfg.raptr_scaling},
-               "pld": {"theta": cfg.pld_theta, "gamma": gamma}}.get(method, {})
-    host = Host(HOSTED[method], seed=seed, **options).attach(model, cfg.steps, layers=model.blocks)
+    host = method_host(method, cfg, seed, gamma).attach(model, cfg.steps, layers=model.blocks)
     data_gen = torch.Generator().manual_seed(10_000 + seed)  # same fresh samples for every method of a seed
     history, layers_run, started = [], 0, time.perf_counter()
 
@@ -290,7 +301,7 @@ def train_one(method: str, cfg: PolynomialConfig, seed: int, target: Target, eva
     host.detach()
     flops = layers_run * model.block_flops(cfg.batch_size)
     return {"method": method, "seed": seed, "history": history, "layers_run": layers_run, "flops": flops,
-            "relative_flops": layers_run / (cfg.steps * cfg.n_layers), "seconds": time.perf_counter() - started}
+            "relative_flops": layers_run / (cfg.steps * cfg.network.n_layers), "seconds": time.perf_counter() - started}
 
 
 # ---------------------------------------------------------------------------------------- entry point
@@ -315,9 +326,11 @@ def validate(cfg: PolynomialConfig) -> None:
     if cfg.terms_per_degree < 1 or cfg.d < need or too_few:
         raise RaptrError(f"d={cfg.d} is too small for {cfg.terms_per_degree} {cfg.structure} monomials per degree up to "
                          f"{cfg.max_degree}: raise d to at least {need} or lower terms_per_degree")
-    for key in ("width", "hidden", "n_layers", "steps", "batch_size", "eval_every", "eval_samples"):
-        if getattr(cfg, key) < 1:
-            raise RaptrError(f"{key} must be positive, got {getattr(cfg, key)}")
+    sizes = {f"network.{k}": v for k, v in dataclasses.asdict(cfg.network).items()}
+    sizes.update(steps=cfg.steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every, eval_samples=cfg.eval_samples)
+    for key, value in sizes.items():
+        if value < 1:
+            raise RaptrError(f"{key} must be positive, got {value}")
     if not cfg.seeds:
         raise RaptrError("no seeds: give at least one, e.g. seeds=[0]")
     if not 0 < cfg.pld_theta <= 1 or cfg.pld_gamma < 0:
@@ -328,14 +341,11 @@ def validate(cfg: PolynomialConfig) -> None:
 def run_config(cfg: PolynomialConfig, out_dir: str | Path, progress: bool = True, preset: str = "custom") -> Path:
     """Train every method × seed, write ``report.md``, ``results.json`` and the plots; return the report."""
     validate(cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    out = prepare_run(out_dir, cfg.threads)
     target = make_target(cfg)
     schedule = raptr_schedule(cfg)
     raptr_flops = schedule.relative_layer_flops()
-    gamma = cfg.pld_gamma or solve_pld_gamma(raptr_flops, cfg.pld_theta, cfg.n_layers, cfg.steps)
+    gamma = cfg.pld_gamma or solve_pld_gamma(raptr_flops, cfg.pld_theta, cfg.network.n_layers, cfg.steps)
     eval_x = sample_inputs(cfg.eval_samples, cfg.d, torch.Generator().manual_seed(999_999))
     runs, started, cpu_started = [], time.perf_counter(), time.process_time()
     with tqdm(total=cfg.steps * len(cfg.seeds) * len(cfg.methods), desc="polynomial", disable=not progress,
@@ -347,7 +357,7 @@ def run_config(cfg: PolynomialConfig, out_dir: str | Path, progress: bool = True
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started
     expected = {"baseline": 1.0, "raptr": raptr_flops,
-                "pld": pld_relative_flops(cfg.pld_theta, gamma, cfg.n_layers, cfg.steps)}
+                "pld": pld_relative_flops(cfg.pld_theta, gamma, cfg.network.n_layers, cfg.steps)}
     (out / "results.json").write_text(json.dumps({"experiment": "polynomial", "preset": preset,
                                                   "config": dataclasses.asdict(cfg), "target": target.describe(),
                                                   "pld_gamma": gamma, "expected_relative_flops": expected,
@@ -368,7 +378,7 @@ def rebuild(out_dir: str | Path) -> Path:
     """``report.md`` and the plots again, from ``results.json`` alone (no training)."""
     out = Path(out_dir)
     results = json.loads((out / "results.json").read_text())
-    cfg = PolynomialConfig(**results["config"])
+    cfg = from_dict(PolynomialConfig, results["config"])
     target, schedule = make_target(cfg), raptr_schedule(cfg)
     runs, gamma = _int_keys(results["runs"]), results["pld_gamma"]
     _plots(runs, cfg, target, schedule, gamma, out)
@@ -423,7 +433,7 @@ def _report(runs, cfg, target, schedule, gamma, expected, seconds, preset) -> st
     seconds, cpu_seconds = seconds
     degrees = target.degrees
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
-    base_flops = cfg.steps * cfg.n_layers * ResidualMLP(cfg.d, cfg.width, cfg.hidden, cfg.n_layers).block_flops(cfg.batch_size)
+    base_flops = cfg.steps * cfg.network.n_layers * ResidualMLP(cfg.d, cfg.network.width, cfg.network.hidden, cfg.network.n_layers).block_flops(cfg.batch_size)
     status, detail = verdict(runs, degrees)
     L = ["# Polynomial (Boolean) experiment: which degrees does each method learn?", "",
          f"Preset `{preset}`; {len(cfg.seeds)} seed(s) × {len(methods)} methods, {cfg.steps} steps each; "
@@ -438,15 +448,16 @@ def _report(runs, cfg, target, schedule, gamma, expected, seconds, preset) -> st
          f"coefficients {', '.join(f'{c:g}' for c in cfg.coefficients)} for degrees 1..{cfg.max_degree}, variables drawn with seed "
          f"{cfg.target_seed}):  \n  f*(x) = {target.describe()}  \n  (variables 1-based; E[f*²] = "
          f"{sum(c * c for c in target.coefficients):.3f}).",
-         f"- Network: Linear({cfg.d}, {cfg.width}) → {cfg.n_layers} pre-LN residual MLP blocks "
-         f"y ← y + W2·gelu(W1·LN(y)) (hidden {cfg.hidden}) → LN → Linear({cfg.width}, 1); PyTorch default init, same init "
+         f"- Network: Linear({cfg.d}, {cfg.network.width}) → {cfg.network.n_layers} pre-LN residual MLP blocks "
+         f"y ← y + W2·gelu(W1·LN(y)) (hidden {cfg.network.hidden}) → LN → Linear({cfg.network.width}, 1); PyTorch default init, same init "
          f"per seed for every method.",
          f"- Training: fresh uniform samples every step (batch {cfg.batch_size}; the same stream for every method of a seed), "
          f"MSE, Adam (lr {cfg.lr:g}, {cfg.warmup_steps} warm-up steps, cosine decay to {cfg.min_lr_ratio:g}×), {cfg.steps} steps.",
          "- **Baseline**: the full network every step.",
-         f"- **RaPTr**: `raptr.Host` (RaPTr) on the block list, schedule {cfg.raptr_schedule} (expected path per stage; "
-         f"fixed layers {cfg.raptr_fixed} counted), equal stages, keep probs "
-         f"{', '.join(f'{s.keep_prob:.2f}' for s in schedule.stages)}, branch scaling `{cfg.raptr_scaling}`.",
+         f"- **RaPTr**: `raptr.Host` (RaPTr) on the block list, schedule {cfg.raptr.schedule} (expected path per stage; "
+         f"fixed layers {cfg.raptr.fixed} {'counted' if cfg.raptr.count_fixed else 'not counted'}), "
+         f"{'equal stages' if cfg.raptr.stage_lengths == 'equal' else 'stage lengths ' + cfg.raptr.stage_lengths}, keep probs "
+         f"{', '.join(f'{s.keep_prob:.2f}' for s in schedule.stages)}, branch scaling `{cfg.raptr.scaling}`.",
          f"- **PLD**: `methods.pld.ProgressiveLayerDrop` (DeepSpeed's θ(t) = (1−θ̄)e^(−γt) + θ̄, p_i = 1 − (i/L)(1−θ(t)), "
          f"kept blocks scaled by 1/p_i), θ̄ = {cfg.pld_theta:g}, γ = {gamma:.5f} (γ·T = {gamma * cfg.steps:.2f}) "
          + ("solved so that PLD's expected layer FLOPs equal RaPTr's." if not cfg.pld_gamma else "as given."),
@@ -593,7 +604,7 @@ def _plots(runs, cfg, target, schedule, gamma, out: Path) -> None:
                  for i in range(1, len(hist[0]))]
         ax.step(xs, rates, where="pre", color=colors[m], label=m)
     ax.set(xlabel="step", ylabel="blocks run per step", title="blocks run per step (between evaluations)",
-           ylim=(0, cfg.n_layers + 0.5))
+           ylim=(0, cfg.network.n_layers + 0.5))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "layers_per_step.png", dpi=110)

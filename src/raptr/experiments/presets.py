@@ -1,9 +1,12 @@
-"""Presets of the experiments' typed configs (shared by every experiment; imports none of them)."""
+"""Presets of the experiments' typed configs and their runs' set-up (shared by every experiment; imports none of them)."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from raptr.errors import RaptrError
 
@@ -17,3 +20,12 @@ def preset_config(kind: str, presets: dict, preset: str, overrides: dict) -> Any
     if unknown:
         raise RaptrError(f"unknown {kind} option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(names))}")
     return dataclasses.replace(presets[preset], **overrides)
+
+
+def prepare_run(out_dir: str | Path, threads: int) -> Path:
+    """An experiment's output directory (created) and its torch thread count (0: torch's default)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
+    return out

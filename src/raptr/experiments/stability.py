@@ -33,8 +33,10 @@ from tqdm.auto import tqdm
 
 from raptr.core import PathSampler, branch_scale
 from raptr.errors import RaptrError
-from raptr.experiments.presets import preset_config
+from raptr.experiments.presets import prepare_run, preset_config
+from raptr.models.reference import TransformerConfig, TransformerLM
 from raptr.ranks import step_generator
+from raptr.typed import from_dict
 
 ARCHS = ("res+LN", "res, no LN", "LN, no res")
 _SWITCHES = {"res+LN": (True, True), "res, no LN": (True, False), "LN, no res": (False, True)}  # (residual, layer_norm)
@@ -49,12 +51,11 @@ class StabilityConfig:
     linear_draws: int = 4  # independent weight draws per depth
     # (a)(ii) reference transformer at initialisation
     tf_depths: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])
-    tf_d_model: int = 64
-    tf_heads: int = 2
-    tf_d_ff: int = 256
-    tf_seq_len: int = 32
-    tf_vocab: int = 1024
-    tf_batch: int = 8
+    # the model's own config: n_layers comes from tf_depths, layer_norm / residual from each architecture;
+    # max_seq_len is the length of the random token sequences
+    tf_model: TransformerConfig = field(default_factory=lambda: TransformerConfig(
+        vocab_size=1024, d_model=64, n_heads=2, d_ff=256, max_seq_len=32))
+    tf_batch: int = 8  # random sequences per draw
     tf_draws: int = 2
     max_skips: int = 32  # at most this many layers ℓ (evenly spaced) per network in the average over ℓ
     # (b) a trained RaPTr run
@@ -78,7 +79,8 @@ PRESETS: dict[str, StabilityConfig] = {
     "cpu": StabilityConfig(),
     "tiny": StabilityConfig(
         linear_dim=16, linear_depths=[2, 4, 8], linear_inputs=8, linear_draws=1,
-        tf_depths=[2, 4], tf_d_model=16, tf_d_ff=32, tf_seq_len=8, tf_vocab=64, tf_batch=2, tf_draws=1,
+        tf_depths=[2, 4], tf_model=TransformerConfig(vocab_size=64, d_model=16, n_heads=2, d_ff=32, max_seq_len=8),
+        tf_batch=2, tf_draws=1,
         train_overrides=["model.d_model=32", "model.d_ff=64", "model.n_heads=2", "model.n_layers=4", "data.sources=austen",
                          "data.vocab_size=1024", "data.seq_len=32", "train.batch_size=4", "train.steps=12",
                          "optim.warmup_steps=2", "train.eval_every=100", "train.checkpoint_every=1000",
@@ -159,15 +161,12 @@ def linear_psi(arch: str, depth: int, dim: int, inputs: int, draws: int, seed: i
 
 def transformer_psi(arch: str, depth: int, cfg: StabilityConfig, draw: int) -> dict[str, float]:
     """Ψ averaged over ℓ for a freshly initialised reference TransformerLM (output: final-LN states)."""
-    from raptr.models.reference import TransformerConfig, TransformerLM
-
     residual, layer_norm = _SWITCHES[arch]
     torch.manual_seed(cfg.seed * 1_000_003 + depth * 1009 + draw)
-    model = TransformerLM(TransformerConfig(vocab_size=cfg.tf_vocab, d_model=cfg.tf_d_model, n_layers=depth,
-                                            n_heads=cfg.tf_heads, d_ff=cfg.tf_d_ff, max_seq_len=cfg.tf_seq_len,
-                                            layer_norm=layer_norm, residual=residual)).eval()
+    model_cfg = dataclasses.replace(cfg.tf_model, n_layers=depth, layer_norm=layer_norm, residual=residual)
+    model = TransformerLM(model_cfg).eval()
     gen = torch.Generator().manual_seed(cfg.seed + 17 * draw)
-    tokens = torch.randint(0, cfg.tf_vocab, (cfg.tf_batch, cfg.tf_seq_len), generator=gen)
+    tokens = torch.randint(0, model_cfg.vocab_size, (cfg.tf_batch, model_cfg.max_seq_len), generator=gen)
     return model_psi(model, tokens, cfg.max_skips)
 
 
@@ -377,23 +376,28 @@ def validate(cfg: StabilityConfig) -> None:
         depths = getattr(cfg, key)
         if len(depths) < 2 or any(d < 1 for d in depths):
             raise RaptrError(f"{key} needs at least two positive depths to fit a slope, got {depths}")
-    for key in ("linear_dim", "linear_inputs", "linear_draws", "tf_d_model", "tf_heads", "tf_d_ff", "tf_seq_len",
-                "tf_vocab", "tf_batch", "tf_draws", "max_skips", "heldout_batches", "mc_paths", "jump_window"):
-        if getattr(cfg, key) < 1:
-            raise RaptrError(f"{key} must be positive, got {getattr(cfg, key)}")
+    model = cfg.tf_model
+    sizes = {f"tf_model.{k}": getattr(model, k) for k in ("vocab_size", "d_model", "n_heads", "d_ff", "max_seq_len")}
+    sizes.update({k: getattr(cfg, k) for k in ("linear_dim", "linear_inputs", "linear_draws", "tf_batch", "tf_draws",
+                                               "max_skips", "heldout_batches", "mc_paths", "jump_window")})
+    for key, value in sizes.items():
+        if value < 1:
+            raise RaptrError(f"{key} must be positive, got {value}")
     if cfg.max_skips < 2:
         raise RaptrError(f"max_skips={cfg.max_skips} must be at least 2 (first and last layer)")
-    if cfg.tf_d_model % cfg.tf_heads:
-        raise RaptrError(f"tf_d_model={cfg.tf_d_model} is not divisible by tf_heads={cfg.tf_heads}: pick a head count that divides it")
+    if model.d_model % model.n_heads:
+        raise RaptrError(f"tf_model.d_model={model.d_model} is not divisible by tf_model.n_heads={model.n_heads}: "
+                         "pick a head count that divides it")
+    measured = {"n_layers": "tf_depths", "layer_norm": "the architectures", "residual": "the architectures"}
+    changed = [k for k in measured if getattr(model, k) != getattr(TransformerConfig(), k)]
+    if changed:
+        raise RaptrError(f"tf_model.{changed[0]} is set by {measured[changed[0]]} in this experiment: leave it out")
 
 
 def run_config(cfg: StabilityConfig, out_dir: str | Path, progress: bool = True, preset: str = "custom") -> Path:
     """Measure (a) Ψ vs depth at init and (b) a trained run's transitions; write ``report.md`` and plots."""
     validate(cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    out = prepare_run(out_dir, cfg.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     timings = {}
 
@@ -433,7 +437,7 @@ def rebuild(out_dir: str | Path) -> Path:
     results = json.loads((out / "results.json").read_text())
     for part in ("linear", "transformer"):  # JSON made the depth keys strings
         results[part] = {a: {int(k): v for k, v in by_depth.items()} for a, by_depth in results[part].items()}
-    cfg = StabilityConfig(**results["config"])
+    cfg = from_dict(StabilityConfig, results["config"])
     _plots(results, cfg, out)
     report = out / "report.md"
     report.write_text(_report(results, cfg, results.get("preset", "cpu")))
@@ -454,6 +458,7 @@ def _slopes(table: dict[str, dict[int, dict]]) -> dict[str, float]:
 
 def _report(results: dict, cfg: StabilityConfig, preset: str) -> str:
     linear, transformer, trained, timings = results["linear"], results["transformer"], results["trained"], results["timings"]
+    m = cfg.tf_model
     lin_slopes, tf_slopes = _slopes(linear), _slopes(transformer)
     lin_status, lin_detail = stability_verdict(lin_slopes, {a: [v["psi"] for v in linear[a].values()] for a in ARCHS})
     tf_status, tf_detail = stability_verdict(tf_slopes, {a: [v["psi"] for v in transformer[a].values()] for a in ARCHS})
@@ -493,8 +498,9 @@ def _report(results: dict, cfg: StabilityConfig, preset: str) -> str:
           + _local_slope_note(linear, cfg.linear_depths), "",
           "![Ψ vs L, linear](psi_linear.png)", "",
           "## (a)(ii) Reference transformer blocks at initialisation", "",
-          f"`TransformerLM` (pre-LN blocks: attention + GELU MLP), d_model {cfg.tf_d_model}, {cfg.tf_heads} heads, d_ff {cfg.tf_d_ff}, "
-          f"init N(0, 0.02²), bidirectional; {cfg.tf_batch} random sequences of {cfg.tf_seq_len} tokens (vocab {cfg.tf_vocab}); "
+          f"`TransformerLM` (pre-LN blocks: attention + GELU MLP), d_model {m.d_model}, {m.n_heads} heads, d_ff {m.d_ff}, "
+          f"init N(0, {m.init_std:g}²), {'causal' if m.causal else 'bidirectional'}; {cfg.tf_batch} random sequences of "
+          f"{m.max_seq_len} tokens (vocab {m.vocab_size}); "
           f"{cfg.tf_draws} draws per depth. Output: the final-LN hidden states (without LN: the last block's output). "
           "The switches remove every block LN and the final LN (`layer_norm=False`) or both residual adds (`residual=False`).", "",
           "| L | " + " | ".join(f"{a}: Ψ (token diversity)" for a in ARCHS) + " |", "|---|" + "---|" * len(ARCHS)]
@@ -617,7 +623,7 @@ def _plots(results: dict, cfg: StabilityConfig, out: Path) -> None:
 
     colors = dict(zip(ARCHS, ("tab:blue", "tab:orange", "tab:green")))
     for key, name, title in (("linear", "psi_linear.png", f"linear networks at init (d={cfg.linear_dim})"),
-                             ("transformer", "psi_transformer.png", f"reference transformer at init (d_model={cfg.tf_d_model})")):
+                             ("transformer", "psi_transformer.png", f"reference transformer at init (d_model={cfg.tf_model.d_model})")):
         table = results[key]
         slopes = _slopes(table)
         fig, ax = plt.subplots(figsize=(6.5, 4.3))
