@@ -110,9 +110,16 @@ def main() -> None:
         weight = next(iter(model.layers.values())).attention.qkv_linear.wqkv.weight  # what this rank holds of it
         local = weight.to_local() if hasattr(weight, "to_local") else weight
         (out / "layout.json").write_text(json.dumps({"wqkv": list(weight.shape), "wqkv_local": list(local.shape)}))
-    if distributed:
-        dist.destroy_process_group()
+    return distributed
 
 
 if __name__ == "__main__":
-    main()
+    if main():
+        # FSDP2's device mesh and its last collectives hold the gloo group alive past destroy_process_group;
+        # left to interpreter finalization, its worker threads abort the process now and then ("terminate
+        # called without an active exception"). Free them first (main's frame is gone), then tear down.
+        import gc
+
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
