@@ -47,7 +47,7 @@ class RaPTrMethod(Method):
     Options = RaPTrOptions
 
     def attach(self, context: TrainingContext) -> None:
-        super().attach(context)
+        self.context = context  # no separate options.check: building the schedule is that check
         schedule = build_schedule(self.options, len(context.layers), context.total_steps)
         check_must_run(context.model, schedule.fixed, "method.raptr.fixed")
         self.raptr = RaPTr(context.layers, schedule, context.seed, self.options.sampling, self.options.scaling,
