@@ -6,7 +6,6 @@ User mistakes print one line ``error: ...`` and exit with code 2, never a traceb
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import sys
 
@@ -334,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def experiment_help(p=p, format_help=p.format_help) -> str:  # imports the experiments only when asked
-        p.epilog = "\n".join(f"  {n}: {e.summary}; keys: " + ", ".join(f.name for f in dataclasses.fields(e.config))
+        from raptr.training.config import describe_fields
+
+        p.epilog = "\n".join(f"  {n}: {e.summary}; keys: " + ", ".join(key for key, _, _ in describe_fields(e.config))
                              for n, e in EXPERIMENTS.items())
         return format_help()
 
