@@ -44,11 +44,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         from raptr.training.distributed import shutdown
 
-        shutdown(trainer.dist)
+        info, out_dir = trainer.dist, trainer.out_dir
+        del trainer  # FSDP2 holds the process group as long as the model lives: let shutdown free both
+        shutdown(info)
     if summary:  # rank 0 only under torchrun
         print_summary(summary)
         if summary.get("diverged"):
-            print(f"warning: the run diverged ({summary['warnings'][-1]}): see {trainer.out_dir / 'metrics.jsonl'}",
+            print(f"warning: the run diverged ({summary['warnings'][-1]}): see {out_dir / 'metrics.jsonl'}",
                   file=sys.stderr)
             return 3
     return 0

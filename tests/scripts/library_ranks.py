@@ -1,6 +1,7 @@
 """torchrun worker: the library API (raptr.wrap) under DDP or FSDP2 with a seed per rank (a user
 mistake). The rank-agreement check must stop it with one clear error, not hang or diverge."""
 
+import gc
 import sys
 
 import torch
@@ -38,4 +39,6 @@ except RaptrError as e:
     print(f"rank {rank} error: {e}", flush=True)
     sys.exit(2)
 print(f"rank {rank} ok", flush=True)
+del net, model, opt, rp  # FSDP2 holds the gloo group: free it before the teardown (see tests/torchtitan_fsdp.py)
+gc.collect()
 dist.destroy_process_group()

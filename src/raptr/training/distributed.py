@@ -9,6 +9,7 @@ broken assumption is a clear error instead of a hang.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -80,5 +81,9 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Tear the process group down once the caller has dropped its model. FSDP2 keeps a reference to
+    the group in every sharded module; a gloo group left to interpreter finalization aborts the
+    process now and then ("terminate called without an active exception") after a finished run."""
     if info.enabled and dist.is_initialized():
+        gc.collect()  # the dropped model's reference cycles, and with them its hold on the group
         dist.destroy_process_group()
