@@ -8,7 +8,7 @@
     (ii) our reference transformer blocks (``models.reference.TransformerLM`` with its
          ``layer_norm`` / ``residual`` switches), output = the final-LN hidden states.
     Claim: Ψ decays like O(1/√L) only with both residual connections and LayerNorm.
-(b) A trained RaPTr run (``bert-tiny-raptr`` on a small model): at each stage boundary, on fixed
+(b) A trained RaPTr run (``bert-tiny-raptr-paper``, 6-8-10-12, on a small model): at each stage boundary, on fixed
     held-out batches, the full-model loss and the Monte-Carlo loss of (p_s, I)-subnetworks of the
     stage that just ended and of the next one, plus the training-loss jump across the transition
     (mean of the last k steps before vs the first k after). Claim: no spike, and the full-model
@@ -283,7 +283,7 @@ def loss_jumps(rows: list[dict], window: int) -> list[dict]:
 
 
 def trained_run(cfg: StabilityConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Train bert-tiny-raptr stage by stage; measure at every boundary and at the end."""
+    """Train the RaPTr preset stage by stage; measure at every boundary and at the end."""
     from raptr.training.build import build_trainer
     from raptr.training.config import load_config
 
