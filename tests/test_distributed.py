@@ -87,6 +87,8 @@ for step in range(6):
     print(rank, step, "".join("1" if r else "0" for r in plan.path), "".join("1" if g else "0" for g in grads_none), file=log, flush=True)
     opt.step(); opt.zero_grad(set_to_none=True)
 print(rank, "checksum", sum(float(p.double().sum()) for p in model.parameters()), file=log, flush=True)
+del ddp, model, opt, rp  # DDP holds the gloo group: free it before the teardown (see tests/torchtitan_fsdp.py)
+import gc; gc.collect()
 dist.destroy_process_group()
 """
 
