@@ -80,7 +80,7 @@ def test_the_raptr_arm_trains_the_schedule_the_report_states():
     """The RaPTr arm's options are the method's own typed options: the host's schedule is the one the
     report and PLD's γ are computed from (equal stages here, not the library's default stage lengths)."""
     cfg = P.make_config("cpu")
-    model = P.ResidualMLP(cfg.d, cfg.network.width, cfg.network.hidden, cfg.network.n_layers)
+    model = P.ResidualMLP(cfg.d, cfg.network)
     host = P.method_host("raptr", cfg, seed=0, gamma=0.0).attach(model, cfg.steps, layers=model.blocks)
     trained, stated = host.method.raptr.schedule, P.raptr_schedule(cfg)
     assert trained.boundaries == stated.boundaries == [300, 600, 900]

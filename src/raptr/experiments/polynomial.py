@@ -205,8 +205,9 @@ class MLPBlock(nn.Module):
 
 
 class ResidualMLP(nn.Module):
-    def __init__(self, d: int, width: int, hidden: int, n_layers: int):
+    def __init__(self, d: int, network: MLPConfig):
         super().__init__()
+        width, hidden, n_layers = network.width, network.hidden, network.n_layers
         self.embed = nn.Linear(d, width)
         self.blocks = nn.ModuleList(MLPBlock(width, hidden) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(width)
@@ -267,7 +268,7 @@ def method_host(method: str, cfg: PolynomialConfig, seed: int, gamma: float) -> 
 def train_one(method: str, cfg: PolynomialConfig, seed: int, target: Target, eval_x: torch.Tensor,
               gamma: float, bar: tqdm | None = None) -> dict[str, Any]:
     torch.manual_seed(seed)  # same init for every method of a seed
-    model = ResidualMLP(cfg.d, cfg.network.width, cfg.network.hidden, cfg.network.n_layers)
+    model = ResidualMLP(cfg.d, cfg.network)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     opt_cfg = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, decay="cosine", min_lr_ratio=cfg.min_lr_ratio)
     host = method_host(method, cfg, seed, gamma).attach(model, cfg.steps, layers=model.blocks)
@@ -433,7 +434,7 @@ def _report(runs, cfg, target, schedule, gamma, expected, seconds, preset) -> st
     seconds, cpu_seconds = seconds
     degrees = target.degrees
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
-    base_flops = cfg.steps * cfg.network.n_layers * ResidualMLP(cfg.d, cfg.network.width, cfg.network.hidden, cfg.network.n_layers).block_flops(cfg.batch_size)
+    base_flops = cfg.steps * cfg.network.n_layers * ResidualMLP(cfg.d, cfg.network).block_flops(cfg.batch_size)
     status, detail = verdict(runs, degrees)
     L = ["# Polynomial (Boolean) experiment: which degrees does each method learn?", "",
          f"Preset `{preset}`; {len(cfg.seeds)} seed(s) × {len(methods)} methods, {cfg.steps} steps each; "
